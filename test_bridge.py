@@ -1,0 +1,733 @@
+"""Tests for bridge.py: (a) wire tests, pure functions, no event loop; (b) server tests on
+127.0.0.1:0 with raw sockets; (c) end to end with a fake tab (a `websockets` client) and the
+official openai SDK. The real userscript in a real browser is in test_userscript.py.
+
+Run: python -m unittest -v
+"""
+import asyncio
+import base64
+import contextlib
+import gc
+import hashlib
+import http.server
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+import unittest
+
+import openai
+import websockets
+
+import bridge
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SID = "0198c5a1-1111-7aaa-8bbb-123456789abc"
+MID = "0198c5a1-2222-7aaa-8bbb-123456789abc"
+SID2 = "0198c5a1-3333-7aaa-8bbb-123456789abc"
+MID2 = "0198c5a1-4444-7aaa-8bbb-123456789abc"
+MODEL_UUID = "11111111-2222-4333-8444-555555555555"
+IMAGE_UUID = "66666666-7777-4888-8999-000000000000"
+MODELS = {"test-model": MODEL_UUID, "image-model": f"{IMAGE_UUID}:image", "keep-model": "null:image"}
+
+
+def lines(*texts, finish="stop", side="a"):
+    """LMArena text lines for the given deltas and a finish line."""
+    out = [f"{side}0:{json.dumps(t)}\n" for t in texts]
+    if finish:
+        out.append(f'{side}d:{{"finishReason":"{finish}"}}\n')
+    return out
+
+
+class FakeTab:
+    """A stand-in userscript tab: a `websockets` client that answers each task by playing `script`:
+    str or dict items are sent as `data`, ("sleep", s) waits, ("close",) drops the socket,
+    ("hang",) never answers. Tasks and commands received are recorded."""
+
+    def __init__(self, harness, script=None, origin="https://lmarena.ai", hello=True):
+        self.h = harness
+        self.script = script if script is not None else lines("Hello ", "world!") + ["[DONE]"]
+        self.origin = origin
+        self.hello = hello
+        self.tasks, self.commands = [], []
+        self.ws = None
+        self.closed = threading.Event()
+
+    async def connect(self):
+        self.ws = await websockets.connect(f"ws://127.0.0.1:{self.h.port}/ws", origin=self.origin,
+                                           max_size=None)
+        if self.hello:
+            await self.ws.send(json.dumps({"type": "hello", "version": "test", "url": "https://lmarena.ai/"}))
+        self.reader = asyncio.get_running_loop().create_task(self.read())
+
+    async def read(self):
+        try:
+            async for raw in self.ws:
+                msg = json.loads(raw)
+                if "payload" in msg:
+                    self.tasks.append(msg)
+                    asyncio.get_running_loop().create_task(self.play(msg["request_id"], msg))
+                else:
+                    self.commands.append(msg)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.closed.set()
+
+    async def play(self, rid, msg):
+        script = self.script(msg) if callable(self.script) else self.script
+        for item in script:
+            if isinstance(item, tuple):
+                if item[0] == "sleep":
+                    await asyncio.sleep(item[1])
+                elif item[0] == "close":
+                    await self.ws.close()
+                    return
+                elif item[0] == "hang":
+                    return
+                continue
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await self.ws.send(json.dumps({"request_id": rid, "data": item}))
+
+    async def send(self, obj):
+        await self.ws.send(json.dumps(obj))
+
+    def close(self):
+        self.h.run(self.ws.close())
+        self.closed.wait(5)
+
+    def wait_command(self, name, timeout=5.0):
+        end = time.time() + timeout
+        while time.time() < end:
+            for c in self.commands:
+                if c.get("command") == name:
+                    return c
+            time.sleep(0.01)
+        raise AssertionError(f"tab never got {name!r}; got {self.commands}")
+
+
+class Harness:
+    """A real Bridge on 127.0.0.1:0 in a thread of its own, with user files in a temp folder."""
+
+    def __init__(self, config=None, models=None, endpoint_map=None, raw_config=None):
+        self.dir = tempfile.mkdtemp(prefix="bridge-test-")
+        self.config_path = os.path.join(self.dir, "config.jsonc")
+        with open(os.path.join(HERE, "config.jsonc"), encoding="utf-8") as f:
+            shipped = f.read()
+        settings = {"session_id": SID, "message_id": MID, "log_level": "warning"}
+        settings.update(config or {})
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            f.write(raw_config if raw_config is not None else bridge.jsonc_update(shipped, settings))
+        self.write_json("models.json", MODELS if models is None else models)
+        self.write_json("model_endpoint_map.json", endpoint_map or {})
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        files = bridge.UserFiles(self.config_path)
+        files.load_all(report=lambda m: None)
+        bridge.set_log_level(files.config["log_level"])
+        self.bridge = self.run(self._start(files))
+        self.port = self.bridge.port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.tabs = []
+
+    def write_json(self, name, obj):
+        with open(os.path.join(self.dir, name), "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+
+    async def _start(self, files):
+        b = bridge.Bridge(files, "127.0.0.1", 0)
+        await b.start()
+        return b
+
+    def run(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def tab(self, script=None, **kw):
+        t = FakeTab(self, script, **kw)
+        self.run(t.connect())
+        self.tabs.append(t)
+        self.wait(lambda: len(self.bridge.tabs) >= len([x for x in self.tabs if not x.closed.is_set()]))
+        return t
+
+    def wait(self, predicate, timeout=5.0, what="condition"):
+        end = time.time() + timeout
+        while time.time() < end:
+            if predicate():
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def client(self, key="unused", **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=20, **kw)
+
+    def close(self):
+        for t in self.tabs:
+            with contextlib.suppress(Exception):
+                self.run(t.ws.close(), timeout=5)
+        with contextlib.suppress(Exception):
+            self.run(self.bridge.stop(grace=0.2), timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class BridgeCase(unittest.TestCase):
+    config = None
+    models = None
+    endpoint_map = None
+
+    def setUp(self):
+        self.h = Harness(self.config, self.models, self.endpoint_map)
+        self.addCleanup(self.h.close)
+
+    # raw HTTP helpers
+    def connect(self):
+        s = socket.create_connection(("127.0.0.1", self.h.port), timeout=10)
+        self.addCleanup(s.close)
+        return s
+
+    def raw(self, data: bytes, read_until_close=True, sock=None, timeout=10):
+        s = sock or self.connect()
+        s.settimeout(timeout)
+        if data:
+            s.sendall(data)
+        if not read_until_close:
+            return s
+        chunks = []
+        with contextlib.suppress(socket.timeout, ConnectionResetError):
+            while True:
+                d = s.recv(65536)
+                if not d:
+                    break
+                chunks.append(d)
+        return b"".join(chunks)
+
+    def post(self, path="/v1/chat/completions", body=None, headers=None, stream=False):
+        """A real HTTP exchange via http.client; returns (status, headers, body bytes)."""
+        import http.client
+        c = http.client.HTTPConnection("127.0.0.1", self.h.port, timeout=20)
+        self.addCleanup(c.close)
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        hdrs = {"Content-Type": "application/json"}
+        hdrs.update(headers or {})
+        c.request("POST" if data is not None else "GET", path, body=data, headers=hdrs)
+        r = c.getresponse()
+        return r.status, dict((k.lower(), v) for k, v in r.getheaders()), r.read()
+
+    def get(self, path, headers=None):
+        import http.client
+        c = http.client.HTTPConnection("127.0.0.1", self.h.port, timeout=20)
+        self.addCleanup(c.close)
+        c.request("GET", path, headers=headers or {})
+        r = c.getresponse()
+        return r.status, dict((k.lower(), v) for k, v in r.getheaders()), r.read()
+
+
+async def ws_connect(port, origin):
+    return await websockets.connect(f"ws://127.0.0.1:{port}/ws", origin=origin)
+
+
+def chat(messages="hi", **kw):
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    body = {"model": "test-model", "messages": messages}
+    body.update(kw)
+    return body
+
+
+def sse_events(raw: bytes):
+    """data payloads of an SSE body (comments skipped)."""
+    out = []
+    for block in raw.decode().split("\n\n"):
+        for line in block.split("\n"):
+            if line.startswith("data: "):
+                out.append(line[6:])
+    return out
+
+
+def split_response(raw: bytes):
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines_ = head.decode("latin-1").split("\r\n")
+    status = int(lines_[0].split()[1])
+    headers = {}
+    for line in lines_[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return status, headers, body
+
+
+def dechunk(body: bytes) -> bytes:
+    out, rest = b"", body
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return out
+        out += rest[:size]
+        rest = rest[size + 2:]
+
+
+# (c) End to end: the openai SDK against a real bridge and a fake tab ===============================
+
+class ChatEndToEnd(BridgeCase):
+    def test_stream_exact_text_and_chunk_shapes(self):
+        """The openai SDK streams the exact text; chunks have OpenAI's shape; role first, finish last."""
+        self.h.tab(lines("Hel", "lo, ", "wörld ✓") + ["[DONE]"])
+        chunks = list(self.h.client().chat.completions.create(model="test-model", stream=True,
+                                                               messages=[{"role": "user", "content": "hi"}]))
+        self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks), "Hello, wörld ✓")
+        self.assertEqual(chunks[0].choices[0].delta.role, "assistant")
+        self.assertEqual(chunks[-1].choices[0].finish_reason, "stop")
+        for c in chunks:
+            self.assertEqual(c.object, "chat.completion.chunk")
+            self.assertEqual(c.model, "test-model")
+            self.assertTrue(c.id.startswith("chatcmpl-"))
+            self.assertEqual(len(c.choices), 1)
+        self.assertEqual(len({c.id for c in chunks}), 1)
+
+    def test_non_stream_is_default(self):
+        """Without `stream` the answer is one chat.completion with usage estimates."""
+        self.h.tab(lines("Hello ", "there!") + ["[DONE]"])
+        r = self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(r.choices[0].message.content, "Hello there!")
+        self.assertEqual(r.choices[0].message.role, "assistant")
+        self.assertEqual(r.choices[0].finish_reason, "stop")
+        self.assertGreater(r.usage.completion_tokens, 0)
+        self.assertEqual(r.usage.total_tokens, r.usage.prompt_tokens + r.usage.completion_tokens)
+
+    def test_include_usage_gives_final_usage_chunk(self):
+        """stream_options.include_usage adds a usage chunk with empty choices before [DONE]."""
+        self.h.tab(lines("abcd" * 10) + ["[DONE]"])
+        chunks = list(self.h.client().chat.completions.create(
+            model="test-model", stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "x" * 40}]))
+        self.assertEqual(chunks[-1].choices, [])
+        self.assertEqual(chunks[-1].usage.completion_tokens, 10)
+        self.assertEqual(chunks[-1].usage.prompt_tokens, 10)
+        self.assertTrue(all(c.usage is None for c in chunks[:-1]))
+
+    def test_no_tab_is_503_with_instructions(self):
+        """No tab connected: 503 no_tab_connected with Retry-After and how to connect one."""
+        with self.assertRaises(openai.APIStatusError) as cm:
+            self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(cm.exception.status_code, 503)
+        self.assertEqual(cm.exception.code, "no_tab_connected")
+        self.assertIn("userscript", cm.exception.message)
+        self.assertTrue(cm.exception.response.headers.get("retry-after"))
+
+    def test_task_payload_has_original_fields_and_request(self):
+        """The task carries the original payload fields plus the complete LMArena request."""
+        tab = self.h.tab()
+        self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        p = tab.tasks[0]["payload"]
+        for key in ("message_templates", "target_model_id", "session_id", "message_id", "is_image_request"):
+            self.assertIn(key, p)
+        self.assertEqual(p["target_model_id"], MODEL_UUID)
+        r = p["request"]
+        self.assertEqual(r["method"], "PUT")
+        self.assertEqual(r["path"], f"/nextjs-api/stream/retry-evaluation-session-message/{SID}/messages/{MID}")
+        self.assertEqual(r["recaptcha_action"], "chat_retry")
+        self.assertEqual(r["body"]["modelId"], MODEL_UUID)
+        self.assertEqual(r["body"]["messages"][-1]["status"], "pending")
+
+    def test_tab_closes_mid_stream(self):
+        """A tab that vanishes mid-answer: an error event then [DONE], within a second."""
+        self.h.tab(lines("partial ", finish=None) + [("sleep", 0.2), ("close",)])
+        stream = self.h.client().chat.completions.create(model="test-model", stream=True,
+                                                         messages=[{"role": "user", "content": "hi"}])
+        got = []
+        t0 = time.time()
+        with self.assertRaises(openai.APIError) as cm:
+            for c in stream:
+                got.append(c.choices[0].delta.content or "")
+        self.assertLess(time.time() - t0, 2.0)
+        self.assertEqual("".join(got), "partial ")
+        self.assertIn("tab", str(cm.exception.message).lower())
+
+    def test_tab_closes_mid_answer_non_stream_is_502(self):
+        """Non-streaming, the same situation is a 502 tab_disconnected."""
+        self.h.tab(lines("partial ", finish=None) + [("close",)])
+        with self.assertRaises(openai.APIStatusError) as cm:
+            self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(cm.exception.status_code, 502)
+        self.assertEqual(cm.exception.code, "tab_disconnected")
+
+    def test_retry_on_other_tab_when_nothing_was_sent(self):
+        """A tab that closes before answering: the task is retried once on another tab."""
+        dying = self.h.tab([("close",)])
+        healthy = self.h.tab(lines("from the second tab") + ["[DONE]"])
+        # Both are idle: the tie goes to the first connected, the dying one.
+        r = self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(r.choices[0].message.content, "from the second tab")
+        self.assertEqual(len(dying.tasks), 1)
+        self.assertEqual(len(healthy.tasks), 1)
+
+    def test_client_disconnect_aborts_tab(self):
+        """A client that leaves mid-stream makes the tab get {"command": "abort", "request_id"}."""
+        tab = self.h.tab(lines("a", finish=None) + [("hang",)])
+        s = self.connect()
+        body = json.dumps(chat(stream=True)).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        self.assertIn(b"200 OK", s.recv(65536))
+        s.close()
+        cmd = tab.wait_command("abort", timeout=2)
+        self.assertEqual(cmd["request_id"], tab.tasks[0]["request_id"])
+        self.h.wait(lambda: not self.h.bridge.jobs, what="job cleanup")
+
+    def test_least_busy_tab_gets_the_task(self):
+        """Two slow requests at once go to two different tabs."""
+        script = lines("x", finish=None) + [("sleep", 0.5)] + lines("y") + ["[DONE]"]
+        t1, t2 = self.h.tab(script), self.h.tab(script)
+        client = self.h.client()
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(client.chat.completions.create(
+            model="test-model", messages=[{"role": "user", "content": "hi"}]).choices[0].message.content))
+            for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(results, ["xy", "xy"])
+        self.assertEqual((len(t1.tasks), len(t2.tasks)), (1, 1))
+
+    def test_quick_failure_keeps_real_status_when_streaming(self):
+        """Streaming: a 429 from LMArena before any text reaches the client as HTTP 429."""
+        self.h.tab([{"error": "Too Many Requests", "status": 429, "retry_after": 42}])
+        with self.assertRaises(openai.RateLimitError) as cm:
+            list(self.h.client().chat.completions.create(model="test-model", stream=True,
+                                                         messages=[{"role": "user", "content": "hi"}]))
+        self.assertEqual(cm.exception.response.headers["retry-after"], "42")
+        self.assertEqual(cm.exception.code, "rate_limited")
+
+    def test_large_tab_message_passes(self):
+        """Tab messages of several MiB (base64 images) pass the socket."""
+        b64 = base64.b64encode(os.urandom(4 * 2**20)).decode()
+        part = json.dumps([{"type": "image", "data": b64, "mimeType": "image/png"}])
+        self.h.tab([f"a2:{part}\n", 'ad:{"finishReason":"stop"}\n', "[DONE]"])
+        r = self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(r.choices[0].message.content, f"![Image](data:image/png;base64,{b64})")
+
+
+class KeepAliveAndHold(BridgeCase):
+    config = {"first_byte_hold_seconds": 0.2, "keepalive_interval_seconds": 0.3}
+
+    def test_keepalive_comments_while_waiting(self):
+        """After the hold, the 200 goes out and `: keep-alive` comments flow until the first token."""
+        self.h.tab([("sleep", 1.0)] + lines("late") + ["[DONE]"])
+        status, headers, body = self.post(body=chat(stream=True))
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["cache-control"], "no-store")
+        self.assertEqual(headers["x-accel-buffering"], "no")
+        self.assertTrue(headers["content-type"].startswith("text/event-stream"))
+        self.assertIn(b": keep-alive\n\n", body)
+        self.assertEqual(json.loads(sse_events(body)[1])["choices"][0]["delta"]["content"], "late")
+
+    def test_error_after_start_goes_in_band(self):
+        """An error after the 200 is one `data: {"error"}` event and then [DONE]."""
+        self.h.tab([("sleep", 0.5), {"error": "Too Many Requests", "status": 429}])
+        status, _, body = self.post(body=chat(stream=True))
+        self.assertEqual(status, 200)
+        events = sse_events(body)
+        self.assertEqual(events[-1], "[DONE]")
+        self.assertEqual(json.loads(events[-2])["error"]["code"], "rate_limited")
+
+
+class ApiKeyAndModels(BridgeCase):
+    config = {"api_key": "s3cret"}
+
+    def test_wrong_key_is_401_invalid_api_key(self):
+        """With api_key set, a wrong key gets 401 invalid_api_key; the right key works."""
+        self.h.tab()
+        with self.assertRaises(openai.AuthenticationError) as cm:
+            self.h.client("wrong").models.list()
+        self.assertEqual(cm.exception.code, "invalid_api_key")
+        status, _, _ = self.post(body=chat())
+        self.assertEqual(status, 401)
+        r = self.h.client("s3cret").chat.completions.create(model="test-model",
+                                                            messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(r.choices[0].message.content, "Hello world!")
+
+    def test_models_list_and_one(self):
+        """/v1/models lists models.json in OpenAI's shape; /v1/models/{id} answers one or 404."""
+        c = self.h.client("s3cret")
+        ids = [m.id for m in c.models.list()]
+        self.assertEqual(sorted(ids), sorted(MODELS))
+        self.assertEqual(c.models.retrieve("test-model").id, "test-model")
+        with self.assertRaises(openai.NotFoundError):
+            c.models.retrieve("nope")
+
+    def test_health_needs_no_key(self):
+        """/health answers without a key and counts tabs and tasks."""
+        self.h.tab()
+        status, _, body = self.get("/health")
+        data = json.loads(body)
+        self.assertEqual(status, 200)
+        self.assertEqual((data["status"], data["version"], data["tabs"], data["tasks_in_flight"]),
+                         ("ok", bridge.VERSION, 1, 0))
+
+
+class EmptyModels(BridgeCase):
+    models = {}
+
+    def test_empty_model_list(self):
+        """An empty models.json still gives {"object": "list", "data": []}."""
+        status, _, body = self.get("/v1/models")
+        self.assertEqual((status, json.loads(body)), (200, {"object": "list", "data": []}))
+
+
+class TabSocket(BridgeCase):
+    config = {"allowed_tab_origins": ["http://127.0.0.1:8123"]}
+
+    def test_foreign_origin_refused(self):
+        """Only LMArena origins (and allowed_tab_origins) may connect as a tab; others get 403."""
+        for origin in ("https://evil.example", "http://lmarena.ai", "https://lmarena.ai.evil.com"):
+            with self.assertRaises(websockets.InvalidStatus) as cm:
+                self.h.run(ws_connect(self.h.port, origin))
+            self.assertEqual(cm.exception.response.status_code, 403)
+        for origin in ("https://lmarena.ai", "https://canary.lmarena.ai", "https://arena.ai",
+                       "http://127.0.0.1:8123"):
+            ws = self.h.run(ws_connect(self.h.port, origin))
+            self.h.run(ws.close())
+
+    def test_garbage_and_unknown_tasks_are_ignored(self):
+        """Garbage, unknown tasks and unknown types from a tab never break it."""
+        tab = self.h.tab()
+        for junk in ("not json", "[1,2]", json.dumps({"request_id": "nope", "data": "a0:\"x\"\n"}),
+                     json.dumps({"type": "mystery"}), json.dumps({"request_id": 5, "data": None})):
+            self.h.run(tab.ws.send(junk))
+        r = self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(r.choices[0].message.content, "Hello world!")
+
+    def test_server_pings(self):
+        """The server pings tabs; a tab that answers is kept."""
+        self.h.bridge  # noqa: B018 - the ping loop runs in the background
+        tab = self.h.tab()
+        ping_seen = threading.Event()
+        orig = tab.ws.protocol.receive_data
+
+        def spy(data):
+            if data[:1] == b"\x89":
+                ping_seen.set()
+            return orig(data)
+        tab.ws.protocol.receive_data = spy
+        old = bridge.WS_PING_INTERVAL
+        try:
+            bridge.WS_PING_INTERVAL = 0.1
+            self.h.run(self._restart_ping())
+            self.assertTrue(ping_seen.wait(3))
+        finally:
+            bridge.WS_PING_INTERVAL = old
+
+    async def _restart_ping(self):
+        self.h.bridge.spawn(self.h.bridge.ping_loop())
+
+
+# (b) Server tests with raw sockets ==================================================================
+
+def get_req(path="/health", extra=b"", version=b"HTTP/1.1"):
+    return b"GET " + path.encode() + b" " + version + b"\r\nHost: 127.0.0.1\r\n" + extra + b"\r\n"
+
+
+def post_req(body: bytes, path="/v1/chat/completions", extra=b""):
+    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n" % len(body) + extra + b"\r\n" + body)
+
+
+def read_responses(sock, n, timeout=10):
+    """Read exactly n complete responses (Content-Length or chunked) from a socket."""
+    sock.settimeout(timeout)
+    buf = b""
+    out = []
+    while len(out) < n:
+        while b"\r\n\r\n" not in buf:
+            d = sock.recv(65536)
+            if not d:
+                raise AssertionError(f"closed after {len(out)} responses: {buf!r}")
+            buf += d
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        status, headers, _ = split_response(head + b"\r\n\r\n")
+        if status == 100:
+            buf = rest
+            out.append((100, headers, b""))
+            continue
+        if "content-length" in headers:
+            n_body = int(headers["content-length"])
+            while len(rest) < n_body:
+                rest += sock.recv(65536)
+            out.append((status, headers, rest[:n_body]))
+            buf = rest[n_body:]
+        elif headers.get("transfer-encoding") == "chunked":
+            while not re.search(rb"(^|\r\n)0\r\n\r\n", rest):
+                rest += sock.recv(65536)
+            end = re.search(rb"(^|\r\n)0\r\n\r\n", rest).end()
+            out.append((status, headers, dechunk(rest[:end])))
+            buf = rest[end:]
+        else:
+            out.append((status, headers, rest))
+            buf = b""
+    return out
+
+
+class HttpServer(BridgeCase):
+    config = {"max_head_bytes": 4096, "max_body_bytes": 100000, "head_timeout_seconds": 0.5,
+              "body_timeout_seconds": 0.5, "keep_alive_timeout_seconds": 0.5}
+
+    def test_keep_alive_two_requests_one_connection(self):
+        """Two requests on one connection, one after the other."""
+        s = self.connect()
+        s.sendall(get_req())
+        (r1,) = read_responses(s, 1)
+        s.sendall(get_req("/v1/models"))
+        (r2,) = read_responses(s, 1)
+        self.assertEqual((r1[0], r2[0]), (200, 200))
+        self.assertEqual(json.loads(r2[2])["object"], "list")
+
+    def test_pipelined_requests_answered_in_order(self):
+        """Three pipelined requests in one packet are answered in order."""
+        self.h.tab()
+        s = self.connect()
+        s.sendall(get_req("/v1/models") + post_req(json.dumps(chat()).encode()) + get_req("/health"))
+        rs = read_responses(s, 3)
+        self.assertEqual([r[0] for r in rs], [200, 200, 200])
+        self.assertEqual(json.loads(rs[0][2])["object"], "list")
+        self.assertEqual(json.loads(rs[1][2])["choices"][0]["message"]["content"], "Hello world!")
+        self.assertEqual(json.loads(rs[2][2])["status"], "ok")
+
+    def test_chunked_request_body(self):
+        """A chunked request body is decoded (with a chunk extension and a trailer)."""
+        self.h.tab()
+        body = json.dumps(chat()).encode()
+        a, b = body[:10], body[10:]
+        data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"%x;ext=1\r\n%b\r\n%x\r\n%b\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(a), a, len(b), b))
+        s = self.connect()
+        s.sendall(data + get_req())
+        rs = read_responses(s, 2)
+        self.assertEqual(json.loads(rs[0][2])["choices"][0]["message"]["content"], "Hello world!")
+        self.assertEqual(rs[1][0], 200)
+
+    def test_expect_100_continue(self):
+        """Expect: 100-continue gets `100 Continue` before the body is sent, then the answer."""
+        self.h.tab()
+        body = json.dumps(chat()).encode()
+        s = self.connect()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        s.settimeout(2)
+        self.assertTrue(s.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n"))
+        s.sendall(body)
+        (r,) = read_responses(s, 1)
+        self.assertEqual(r[0], 200)
+
+    def test_expect_100_continue_refused_body_too_large(self):
+        """A too-large declared body is refused with 413 without 100 Continue."""
+        s = self.connect()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: 999999999\r\n\r\n")
+        status, headers, body = split_response(self.raw(b"", sock=s))
+        self.assertEqual(status, 413)
+        self.assertEqual(json.loads(body)["error"]["code"], "request_too_large")
+        self.assertEqual(headers["connection"], "close")
+
+    def test_head(self):
+        """HEAD answers headers with the GET's Content-Length and no body."""
+        s = self.connect()
+        s.sendall(b"HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + get_req())
+        s.settimeout(2)
+        time.sleep(0.3)
+        data = s.recv(65536)
+        first, _, rest = data.partition(b"\r\n\r\n")
+        self.assertIn(b"200 OK", first)
+        self.assertGreater(int(re.search(rb"Content-Length: (\d+)", first).group(1)), 10)
+        self.assertTrue(rest.startswith(b"HTTP/1.1 200 OK"))
+
+    def test_http10_client(self):
+        """An HTTP/1.0 request without keep-alive is answered and the connection closed."""
+        raw = self.raw(b"GET /health HTTP/1.0\r\n\r\n")
+        status, headers, body = split_response(raw)
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["connection"], "close")
+        self.assertEqual(json.loads(body)["status"], "ok")
+
+    def test_http10_streaming_without_chunked(self):
+        """HTTP/1.0 clients get a stream ended by closing, never chunked encoding."""
+        self.h.tab()
+        body = json.dumps(chat(stream=True)).encode()
+        raw = self.raw(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        status, headers, data = split_response(raw)
+        self.assertEqual(status, 200)
+        self.assertNotIn("transfer-encoding", headers)
+        self.assertEqual(sse_events(data)[-1], "[DONE]")
+
+    def test_404_and_405_are_openai_shaped(self):
+        """Unknown paths are 404 and wrong methods 405 (with Allow), both OpenAI-shaped."""
+        status, _, body = split_response(self.raw(get_req("/nope", b"Connection: close\r\n")))
+        self.assertEqual(status, 404)
+        self.assertEqual(json.loads(body)["error"]["code"], "not_found")
+        status, headers, body = split_response(self.raw(get_req("/v1/chat/completions", b"Connection: close\r\n")))
+        self.assertEqual(status, 405)
+        self.assertIn("POST", headers["allow"])
+        self.assertIn("message", json.loads(body)["error"])
+
+    def test_431_head_too_large(self):
+        """A request head over max_head_bytes is 431 and the connection closes."""
+        raw = self.raw(get_req("/health", b"X-Big: " + b"a" * 5000 + b"\r\n"))
+        self.assertEqual(split_response(raw)[0], 431)
+
+    def test_413_body_too_large(self):
+        """A body over max_body_bytes is 413 request_too_large, chunked or not."""
+        raw = self.raw(post_req(b"x" * 100001))
+        status, _, body = split_response(raw)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (413, "request_too_large"))
+        chunk = b"x" * 60000
+        data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + (b"%x\r\n%b\r\n" % (len(chunk), chunk)) * 2 + b"0\r\n\r\n")
+        self.assertEqual(split_response(self.raw(data))[0], 413)
+
+    def test_408_slow_head_and_body(self):
+        """A head or body that trickles in past its deadline gets 408; bytes do not extend it."""
+        s = self.connect()
+        s.sendall(b"GET /health HTTP/1.1\r\n")
+        t0 = time.time()
+        with contextlib.suppress(OSError):
+            for _ in range(20):
+                time.sleep(0.1)
+                s.sendall(b"X: y\r\n")
+        raw = self.raw(b"", sock=s)
+        self.assertEqual(split_response(raw)[0], 408)
+        self.assertLess(time.time() - t0, 3)
+        s = self.connect()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
+        self.assertEqual(split_response(self.raw(b"", sock=s))[0], 408)
+
+    def test_idle_keep_alive_timeout_closes(self):
+        """An idle keep-alive connection is closed after keep_alive_timeout_seconds."""
+        s = self.connect()
+        s.sendall(get_req())
+        read_responses(s, 1)
+        t0 = time.time()
+        s.settimeout(5)
+        self.assertEqual(s.recv(10), b"")
+        self.assertLess(time.time() - t0, 3)
+
+    def test_bad_json_and_fields(self):
+        """Bad JSON and bad fields are 400 invalid_request_error with a readable message."""
+        for body, code in ((b"{bad", "invalid_json"), (b"[1]", "invalid_json"),
+                           (json.dumps({"model": "test-model"}).encode(), "invalid_messages"),
+                           (json.dumps({"messages": []}).encode(), "invalid_model"),
+                           (json.dumps(chat(stream="yes")).encode(), "invalid_stream")):
+            status, _, data = split_response(self.raw(post_req(body, extra=b"Connection: close\r\n")))
+            err = json.loads(data)["error"]
+            self.assertEqual((status, err["type"], err["code"]), (400, "invalid_request_error", code), body)
