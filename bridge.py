@@ -1889,6 +1889,8 @@ class Routes:
         while not job.done and not (until_first is not None and job.received):
             timeout = self.files.config["stream_response_timeout_seconds"]
             now = time.monotonic()
+            if job.tab is None:          # still waiting for a tab: the dispatcher owns that deadline
+                job.last_activity = now
             left = job.last_activity + timeout - now
             if until_first is not None:
                 if now >= until_first:
@@ -1929,6 +1931,8 @@ class Routes:
         while not job.done:
             timeout = self.files.config["stream_response_timeout_seconds"]
             now = time.monotonic()
+            if job.tab is None:
+                job.last_activity = now
             if now - job.last_activity >= timeout:
                 job.fail(ApiError(504, f"LMArena sent nothing for {timeout:g} s "
                                   "(stream_response_timeout_seconds).", "upstream_timeout"))
@@ -2226,6 +2230,7 @@ class Bridge(Routes):
 
     def assign(self, job: Job, tab: Tab) -> None:
         job.tab, job.tab_name = tab, tab.name
+        job.last_activity = time.monotonic()
         tab.jobs[job.id] = job
         tab.assigned += 1
         tab.send_text(job.message)

@@ -123,7 +123,7 @@ class Harness:
         self.config_path = os.path.join(self.dir, "config.jsonc")
         with open(os.path.join(HERE, "config.jsonc"), encoding="utf-8") as f:
             shipped = f.read()
-        settings = {"session_id": SID, "message_id": MID, "log_level": "warning"}
+        settings = {"session_id": SID, "message_id": MID, "log_level": "error"}
         settings.update(config or {})
         with open(self.config_path, "w", encoding="utf-8") as f:
             f.write(raw_config if raw_config is not None else bridge.jsonc_update(shipped, settings))
@@ -731,3 +731,402 @@ class HttpServer(BridgeCase):
             status, _, data = split_response(self.raw(post_req(body, extra=b"Connection: close\r\n")))
             err = json.loads(data)["error"]
             self.assertEqual((status, err["type"], err["code"]), (400, "invalid_request_error", code), body)
+
+
+# (a) Wire tests: pure functions, no event loop =====================================================
+
+PNG_B64 = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 20).decode()
+
+
+def templates(messages, **kw):
+    opts = dict(tavern=False, bypass=False, is_image=False, mode="direct_chat", target="A",
+                attachment_limit=5 * 2**20)
+    opts.update(kw)
+    return bridge.openai_to_templates(messages, **opts)
+
+
+class RequestTranslation(unittest.TestCase):
+    def test_roles_positions_and_empty_content(self):
+        """developer -> system; system at b in direct chat, everything else a; empty user -> space."""
+        cases = [
+            # (messages, options, expected [(role, content, position)])
+            ([{"role": "developer", "content": "be brief"}, {"role": "user", "content": ""}], {},
+             [("system", "be brief", "b"), ("user", " ", "a")]),
+            ([{"role": "system", "content": "s1"}, {"role": "system", "content": "s2"},
+              {"role": "user", "content": "q"}, {"role": "assistant", "content": "prefill"}], {},
+             [("system", "s1", "b"), ("system", "s2", "b"), ("user", "q", "a"), ("assistant", "prefill", "a")]),
+            ([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+             {"mode": "battle", "target": "B"}, [("system", "s", "b"), ("user", "q", "b")]),
+            ([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+             {"mode": "battle", "target": "A"}, [("system", "s", "a"), ("user", "q", "a")]),
+            ([{"role": "user", "content": "a"}, {"role": "system", "content": "s1"},
+              {"role": "system", "content": "s2"}], {"tavern": True},
+             [("system", "s1\n\ns2", "b"), ("user", "a", "a")]),
+            ([{"role": "user", "content": "q"}], {"bypass": True}, [("user", "q", "a"), ("user", " ", "a")]),
+            ([{"role": "user", "content": "q"}], {"bypass": True, "mode": "battle", "target": "B"},
+             [("user", "q", "b"), ("user", " ", "a")]),
+            ([{"role": "user", "content": "q"}], {"bypass": True, "is_image": True}, [("user", "q", "a")]),
+            ([{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}], {},
+             [("user", "one\n\ntwo", "a")]),
+        ]
+        for messages, opts, expected in cases:
+            got = [(t["role"], t["content"], t["participantPosition"]) for t in templates(messages, **opts)]
+            self.assertEqual(got, expected, (messages, opts))
+
+    def test_attachments_from_every_part_type(self):
+        """image_url (data and http, with detail), input_audio and file parts become attachments."""
+        msg = {"role": "user", "content": [
+            {"type": "text", "text": "look"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}", "detail": "high"}},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+            {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+            {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0=", "filename": "paper.pdf"}},
+            {"type": "file", "file": {"file_data": "aGVsbG8=", "filename": "notes.txt"}},
+        ]}
+        (t,) = templates([msg])
+        self.assertEqual(t["content"], "look")
+        got = [(a["name"], a["contentType"], a["url"]) for a in t["attachments"]]
+        self.assertEqual(got, [
+            ("image_1.png", "image/png", f"data:image/png;base64,{PNG_B64}"),
+            ("cat.jpg", "image/jpeg", "https://example.com/cat.jpg"),
+            ("audio_3.wav", "audio/wav", "data:audio/wav;base64,UklGRg=="),
+            ("paper.pdf", "application/pdf", "data:application/pdf;base64,JVBERi0="),
+            ("notes.txt", "text/plain", "data:text/plain;base64,aGVsbG8="),
+        ])
+
+    def test_attachment_over_limit_is_413(self):
+        """A file over max_attachment_bytes is refused up front with 413 attachment_too_large."""
+        big = base64.b64encode(b"\0" * 2000).decode()
+        with self.assertRaises(bridge.ApiError) as cm:
+            templates([{"role": "user", "content": [{"type": "image_url",
+                                                      "image_url": {"url": f"data:image/png;base64,{big}"}}]}],
+                      attachment_limit=1999)
+        self.assertEqual((cm.exception.status, cm.exception.code), (413, "attachment_too_large"))
+        templates([{"role": "user", "content": [{"type": "image_url",
+                                                 "image_url": {"url": f"data:image/png;base64,{big}"}}]}],
+                  attachment_limit=2000)
+
+    def test_message_chain(self):
+        """Fresh time-ordered UUIDv7 ids, parents chained, session id, pending last."""
+        tpl = templates([{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                         {"role": "assistant", "content": "pre"}])
+        req = bridge.build_retry_request(tpl, SID, MID, MODEL_UUID, False)
+        msgs = req["body"]["messages"]
+        ids = [m["id"] for m in msgs]
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(set(ids)), 3)
+        for i, m in enumerate(msgs):
+            self.assertEqual(m["id"][14], "7")
+            self.assertEqual(m["parentMessageIds"], [ids[i - 1]] if i else [])
+            self.assertEqual(m["evaluationSessionId"], SID)
+            self.assertIsNone(m["evaluationId"])
+            self.assertEqual(m["experimental_attachments"], [])
+            for key in ("failureReason", "metadata", "createdAt", "updatedAt", "participantPosition"):
+                self.assertIn(key, m)
+        self.assertEqual([m["status"] for m in msgs], ["success", "success", "pending"])
+        img = bridge.build_retry_request(tpl, SID, MID, None, True)["body"]["messages"]
+        self.assertEqual([m["status"] for m in img], ["success"] * 3)
+        self.assertEqual(req["body"]["modelId"], MODEL_UUID)
+        self.assertNotIn("recaptchaV3Token", req["body"])
+
+    def test_model_resolution(self):
+        """models.json: uuid, uuid:image, null:image; unknown -> null, or 404 with similar names."""
+        self.assertEqual(bridge.resolve_model("test-model", MODELS, False), (MODEL_UUID, False))
+        self.assertEqual(bridge.resolve_model("image-model", MODELS, False), (IMAGE_UUID, True))
+        self.assertEqual(bridge.resolve_model("keep-model", MODELS, False), (None, True))
+        self.assertEqual(bridge.resolve_model("other", MODELS, False), (None, False))
+        with self.assertRaises(bridge.ApiError) as cm:
+            bridge.resolve_model("test-modl", MODELS, True)
+        self.assertEqual((cm.exception.status, cm.exception.code), (404, "model_not_found"))
+        self.assertIn("test-model", cm.exception.message)
+
+    def test_placeholder_ids(self):
+        """Empty, YOUR_..., or non-UUID ids are placeholders."""
+        for v in ("", "YOUR_SESSION_ID", "your_id_here", "abc", None):
+            self.assertTrue(bridge.is_placeholder_id(v), v)
+        self.assertFalse(bridge.is_placeholder_id(SID))
+
+
+def parse_all(chunks, side="a"):
+    p = bridge.ArenaStreamParser(side)
+    events = []
+    for c in chunks:
+        events += p.feed(c)
+    events += p.close()
+    return [e if e[0] != "text" else ("text", e[2]) for e in events if e[0] != "error"] + \
+        [("error", e[1].code) for e in events if e[0] == "error"]
+
+
+class StreamParsing(unittest.TestCase):
+    SAMPLE = ('ag:"17*3 = 51."\nag:{"text": " sure"}\na2:[{"type":"heartbeat"}]\na0:"**51** é€😀 \\"q\\" \\n"\n'
+              'b0:"other side"\naz:"unknown"\nac:{"toolCallId":"citation-source","argsTextDelta":'
+              '"{\\"source\\": {\\"id\\": \\"1\\", \\"url\\": \\"https://a.example\\", \\"title\\": \\"A\\"}}"}\n'
+              'a2:[{"type":"image","image":"https://x/y.png","mimeType":"image/png"}]\n'
+              'ad:{"finishReason":"content-filter","usage":{"promptTokens":3,"completionTokens":4}}\n')
+
+    def test_every_split_position_gives_the_same_events(self):
+        """Splitting the stream at every position (str and bytes, mid-UTF-8) changes nothing."""
+        whole = parse_all([self.SAMPLE])
+        data = self.SAMPLE.encode()
+        for i in range(len(data) + 1):
+            self.assertEqual(parse_all([data[:i], data[i:]]), whole, i)
+        for i in range(len(self.SAMPLE) + 1):
+            self.assertEqual(parse_all([self.SAMPLE[:i], self.SAMPLE[i:]]), whole, i)
+        self.assertEqual(parse_all([bytes([b]) for b in data]), whole)
+
+    def test_events(self):
+        """Reasoning, text, images; other side, heartbeats and unknown codes dropped; finish mapped."""
+        self.assertEqual(parse_all([self.SAMPLE]), [
+            ("reasoning", "17*3 = 51."), ("reasoning", " sure"), ("text", '**51** é€😀 "q" \n'),
+            ("image", "https://x/y.png"),
+            ("finish", "content_filter", {"promptTokens": 3, "completionTokens": 4})])
+
+    def test_battle_side_b(self):
+        """In battle only the target side's lines count."""
+        self.assertEqual(parse_all(['a0:"hi A"\nb0:"hi B"\nad:{"finishReason":"unknown"}\n'
+                                    'bd:{"finishReason":"stop"}\n'], side="b"),
+                         [("text", "hi B"), ("finish", "stop", None)])
+
+    def test_finish_reasons(self):
+        """LMArena finish reasons map to OpenAI's set; "error" is an error."""
+        for arena, openai_ in (("stop", "stop"), ("unknown", "stop"), ("length", "length"),
+                               ("content-filter", "content_filter")):
+            self.assertEqual(parse_all([f'ad:{{"finishReason":"{arena}"}}\n']), [("finish", openai_, None)])
+        self.assertEqual(parse_all(['ad:{"finishReason":"error"}\n']), [("error", "upstream_error")])
+
+    def test_errors_in_stream(self):
+        """hasArenaError, a3 errors, JSON error bodies and Cloudflare pages become errors."""
+        self.assertEqual(parse_all(['a0:"hasArenaError"\n']), [("error", "upstream_error")])
+        self.assertEqual(parse_all(['a3:"An error occurred"\n']), [("error", "upstream_error")])
+        self.assertEqual(parse_all(['{"error":"Too Many Requests"}']), [("error", "rate_limited")])
+        self.assertEqual(parse_all(["<html><title>Just a moment...</title>"]), [("error", "cloudflare_challenge")])
+
+    def test_base64_image_and_citations(self):
+        """Base64 image parts become data URLs; citation deltas split over lines are assembled."""
+        p = bridge.ArenaStreamParser()
+        ev = p.feed('a2:[{"type":"image","data":"QUJD","mimeType":"image/webp"}]\n')
+        self.assertEqual(ev, [("image", "data:image/webp;base64,QUJD")])
+        src = json.dumps({"source": [{"id": "1", "url": "https://a.example", "title": "A"},
+                                     {"id": "2", "url": "https://b.example"}]})
+        for piece in (src[:20], src[20:]):
+            p.feed("ac:" + json.dumps({"toolCallId": "citation-source", "argsTextDelta": piece}) + "\n")
+        self.assertEqual(bridge.citations_markdown(p.citations),
+                         "\n\nSources:\n- [A](https://a.example)\n- https://b.example")
+
+
+class UpstreamErrors(unittest.TestCase):
+    def test_classification(self):
+        """Each LMArena failure gets its own status and code."""
+        cases = [
+            (("<title>Just a moment...</title>", 403), 503, "cloudflare_challenge"),
+            (("Too Many Requests", 429), 429, "rate_limited"),
+            (('{"error":"User abc does not have access to evaluation session xyz"}', 401), 403, "session_not_owned"),
+            (('{"error":"recaptcha validation failed"}', 403), 403, "recaptcha_failed"),
+            (("Payload Too Large", 413), 413, "attachment_too_large"),
+            (('{"error":"Content violates our terms of use"}', 422), 400, "content_policy_violation"),
+            (("Internal Server Error", 500), 502, "upstream_error"),
+            (("Network response was not ok. Status: 429", None), 429, "rate_limited"),
+        ]
+        for (text, status), want_status, want_code in cases:
+            err = bridge.classify_upstream_error(text, status)
+            self.assertEqual((err.status, err.code), (want_status, want_code), text)
+        self.assertEqual(bridge.classify_upstream_error("x", 429, 17).retry_after, 17)
+
+
+class ChunkShapes(unittest.TestCase):
+    def test_formatter_emits_valid_json(self):
+        """Every chunk the formatter builds is valid JSON of OpenAI's shape."""
+        f = bridge.ChunkFormatter("chatcmpl-1", 'mo"del', 5)
+        for text in (f.role(), f.content('"a\\"b"'), f.reasoning('"r"'), f.finish("stop"),
+                     f.usage({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})):
+            self.assertTrue(text.startswith("data: ") and text.endswith("\n\n"))
+            obj = json.loads(text[6:])
+            self.assertEqual((obj["id"], obj["object"], obj["model"]), ("chatcmpl-1", "chat.completion.chunk", 'mo"del'))
+
+
+class TranslationEndToEnd(BridgeCase):
+    config = {"stream_response_timeout_seconds": 0.5, "cloudflare_wait_seconds": 3}
+    endpoint_map = {"pooled": [{"session_id": SID, "message_id": MID, "mode": "direct_chat"},
+                               {"session_id": SID2, "message_id": MID2, "mode": "battle", "battle_target": "B"}],
+                    "single": {"session_id": SID2, "message_id": MID2}}
+
+    def create(self, **kw):
+        body = dict(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        body.update(kw)
+        return self.h.client().chat.completions.create(**body)
+
+    def assert_api_error(self, status, code, **kw):
+        with self.assertRaises(openai.APIStatusError) as cm:
+            r = self.create(**kw)
+            if kw.get("stream"):
+                list(r)
+        self.assertEqual((cm.exception.status_code, cm.exception.code), (status, code), cm.exception.message)
+        return cm.exception
+
+    def test_upstream_failures(self):
+        """429, 401, reCAPTCHA 403, 413, 422, JSON error bodies, a3: distinct statuses and codes."""
+        cases = [
+            ({"error": "Too Many Requests", "status": 429, "retry_after": 30}, 429, "rate_limited"),
+            ({"error": '{"error":"User x does not have access to evaluation session y"}', "status": 401},
+             403, "session_not_owned"),
+            ({"error": '{"error":"recaptcha validation failed"}', "status": 403}, 403, "recaptcha_failed"),
+            ({"error": "Request Entity Too Large", "status": 413}, 413, "attachment_too_large"),
+            ({"error": '{"error":"Content violates our terms of use"}', "status": 422}, 400,
+             "content_policy_violation"),
+            ('{"error":"Internal error"}', 502, "upstream_error"),
+            ('a3:"Something broke"\n', 502, "upstream_error"),
+            ('a0:"hasArenaError"\n', 502, "upstream_error"),
+        ]
+        tab = self.h.tab()
+        for item, status, code in cases:
+            tab.script = [item, "[DONE]"]
+            for stream in (False, True):
+                err = self.assert_api_error(status, code, stream=stream)
+                if status == 429:
+                    self.assertEqual(err.response.headers["retry-after"], "30")
+
+    def test_stream_timeout_is_504(self):
+        """No data for stream_response_timeout_seconds: 504 upstream_timeout, and the tab is told."""
+        tab = self.h.tab([("hang",)])
+        self.assert_api_error(504, "upstream_timeout")
+        self.assertEqual(tab.wait_command("abort")["request_id"], tab.tasks[0]["request_id"])
+
+    def test_cloudflare_reload_then_wait_for_the_tab(self):
+        """A Cloudflare page: the tab is told to reload once, the client gets 503 + Retry-After;
+        a later request waits for the tab to come back instead of failing."""
+        tab = self.h.tab([{"error": "<html><title>Just a moment...</title>", "status": 403}])
+        err = self.assert_api_error(503, "cloudflare_challenge")
+        self.assertTrue(err.response.headers["retry-after"])
+        tab.wait_command("refresh")
+        result = {}
+
+        def later():
+            result["r"] = self.create()
+        t = threading.Thread(target=later)
+        t.start()
+        time.sleep(0.3)
+        self.assertNotIn("r", result)
+        tab.close()                      # the tab reloads...
+        self.h.tab()                     # ...and comes back
+        t.join(5)
+        self.assertEqual(result["r"].choices[0].message.content, "Hello world!")
+        self.assertEqual(sum(1 for c in tab.commands if c.get("command") == "refresh"), 1)
+
+    def test_cloudflare_wait_gives_up(self):
+        """If no tab comes back within cloudflare_wait_seconds, the waiting request gets 503."""
+        self.h.tab([{"error": "<title>Just a moment...</title>", "status": 403}])
+        self.assert_api_error(503, "cloudflare_challenge")
+        t0 = time.time()
+        self.assert_api_error(503, "cloudflare_challenge")
+        self.assertGreater(time.time() - t0, 2.5)
+
+    def test_tools_refused(self):
+        """`tools` gets a clear 400 tools_not_supported."""
+        self.h.tab()
+        self.assert_api_error(400, "tools_not_supported", tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {}}}}])
+
+    def test_unknown_params_ignored_and_unknown_model_sent_as_null(self):
+        """Unknown sampling parameters are ignored; an unknown model is sent with modelId null."""
+        tab = self.h.tab()
+        r = self.create(model="not-listed", temperature=0.2, top_p=0.5, seed=3,
+                        extra_body={"top_k": 5, "repetition_penalty": 1.1})
+        self.assertEqual(r.choices[0].message.content, "Hello world!")
+        self.assertIsNone(tab.tasks[0]["payload"]["request"]["body"]["modelId"])
+
+    def test_pool_spreads_and_modes_apply(self):
+        """A pool in model_endpoint_map.json is used in turn, each entry with its own mode."""
+        tab = self.h.tab()
+        for _ in range(4):
+            self.create(model="pooled")
+        sessions = [t["payload"]["session_id"] for t in tab.tasks]
+        self.assertEqual(sorted(set(sessions)), sorted({SID, SID2}))
+        for t in tab.tasks:
+            positions = {m["participantPosition"] for m in t["payload"]["request"]["body"]["messages"]}
+            self.assertEqual(positions, {"a"} if t["payload"]["session_id"] == SID else {"b"})
+
+    def test_reasoning_content(self):
+        """Reasoning goes to reasoning_content, never into content, streaming and not."""
+        self.h.tab(['ag:"think"\n'] + lines("answer") + ["[DONE]"])
+        r = self.create()
+        self.assertEqual(r.choices[0].message.content, "answer")
+        self.assertEqual(r.choices[0].message.reasoning_content, "think")
+        chunks = list(self.create(stream=True))
+        self.assertEqual("".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks), "think")
+        self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks), "answer")
+
+    def test_citations_and_images(self):
+        """Citations are appended as Sources; image parts become Markdown images."""
+        src = json.dumps({"source": {"id": "1", "url": "https://a.example", "title": "A"}})
+        self.h.tab(["ac:" + json.dumps({"toolCallId": "citation-source", "argsTextDelta": src}) + "\n"]
+                   + lines("text") + ["[DONE]"])
+        self.assertEqual(self.create().choices[0].message.content, "text\n\nSources:\n- [A](https://a.example)")
+        self.h.tabs[0].script = ['a2:[{"type":"image","image":"https://img/1.png","mimeType":"image/png"}]\n',
+                                 'ad:{"finishReason":"stop"}\n', "[DONE]"]
+        for stream in (False, True):
+            r = self.create(model="image-model", stream=stream)
+            text = r.choices[0].message.content if not stream else "".join(c.choices[0].delta.content or "" for c in r)
+            self.assertEqual(text, "![Image](https://img/1.png)")
+        payload = self.h.tabs[0].tasks[-1]["payload"]
+        self.assertTrue(payload["is_image_request"])
+        self.assertEqual(payload["request"]["body"]["modelId"], IMAGE_UUID)
+
+    def test_config_edits_apply_without_restart(self):
+        """Editing config.jsonc takes effect on the next request; a broken edit keeps the last good one."""
+        tab = self.h.tab()
+        with open(self.h.config_path, encoding="utf-8") as f:
+            text = f.read()
+        with open(self.h.config_path, "w", encoding="utf-8") as f:
+            f.write(bridge.jsonc_update(text, {"tavern_mode_enabled": True}))
+        msgs = [{"role": "system", "content": "a"}, {"role": "user", "content": "q"}, {"role": "system", "content": "b"}]
+        self.create(messages=msgs)
+        self.assertEqual([m["content"] for m in tab.tasks[-1]["payload"]["message_templates"]], ["a\n\nb", "q"])
+        time.sleep(0.01)
+        with open(self.h.config_path, "w", encoding="utf-8") as f:
+            f.write("{ this is broken")
+        self.create(messages=msgs)
+        self.assertEqual([m["content"] for m in tab.tasks[-1]["payload"]["message_templates"]], ["a\n\nb", "q"])
+
+
+class SessionConfig(BridgeCase):
+    config = {"session_id": "YOUR_SESSION_ID", "strict_models": True}
+
+    def test_placeholder_ids_refused(self):
+        """Placeholder ids give 400 session_not_configured telling how to capture."""
+        self.h.tab()
+        with self.assertRaises(openai.BadRequestError) as cm:
+            self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(cm.exception.code, "session_not_configured")
+        self.assertIn("capture", cm.exception.message)
+
+    def test_strict_models_404(self):
+        """With strict_models, an unknown model is 404 model_not_found listing similar names."""
+        with self.assertRaises(openai.NotFoundError) as cm:
+            self.h.client().chat.completions.create(model="test-modle", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(cm.exception.code, "model_not_found")
+        self.assertIn("test-model", cm.exception.message)
+
+
+class NoDefaults(BridgeCase):
+    config = {"use_default_ids_if_mapping_not_found": False}
+
+    def test_no_mapping_is_400(self):
+        """Without a mapping and with defaults disabled: 400 that explains how to add one."""
+        with self.assertRaises(openai.BadRequestError) as cm:
+            self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(cm.exception.code, "session_not_configured")
+        self.assertIn("capture --model", cm.exception.message)
+
+
+class UploadLimits(BridgeCase):
+    config = {"max_attachment_bytes": 1000}
+
+    def test_attachment_too_large_before_reaching_a_tab(self):
+        """An oversized attachment is refused with 413 before anything reaches a tab."""
+        tab = self.h.tab()
+        big = base64.b64encode(b"\0" * 1500).decode()
+        with self.assertRaises(openai.APIStatusError) as cm:
+            self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{big}"}}]}])
+        self.assertEqual((cm.exception.status_code, cm.exception.code), (413, "attachment_too_large"))
+        self.assertEqual(tab.tasks, [])
