@@ -2444,7 +2444,8 @@ class Bridge(Routes):
             if not isinstance(name, str) or not isinstance(mid, str) or not name or not mid:
                 continue
             out_caps = ((m.get("capabilities") or {}).get("outputCapabilities") or {})
-            value = f"{mid}:image" if isinstance(out_caps, dict) and out_caps.get("image") else mid
+            makes_images = isinstance(out_caps, dict) and out_caps.get("image") not in (None, False)
+            value = f"{mid}:image" if makes_images else mid
             if name not in current:
                 added.append(name)
             elif current[name] != value:

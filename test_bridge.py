@@ -60,6 +60,7 @@ class FakeTab:
         self.hello = hello
         self.tasks, self.commands = [], []
         self.ws = None
+        self.on_command = None        # msg -> list of replies (e.g. ids_captured)
         self.closed = threading.Event()
 
     async def connect(self):
@@ -78,6 +79,9 @@ class FakeTab:
                     asyncio.get_running_loop().create_task(self.play(msg["request_id"], msg))
                 else:
                     self.commands.append(msg)
+                    if self.on_command is not None:
+                        for reply in self.on_command(msg) or ():
+                            await self.ws.send(json.dumps(reply))
         except websockets.ConnectionClosed:
             pass
         finally:
@@ -1130,3 +1134,368 @@ class UploadLimits(BridgeCase):
                 {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{big}"}}]}])
         self.assertEqual((cm.exception.status_code, cm.exception.code), (413, "attachment_too_large"))
         self.assertEqual(tab.tasks, [])
+
+
+# Seed features: capture, model sync, images, update, idle restart ==================================
+
+def run_cli(*args, timeout=60, cwd=HERE, script=None):
+    return subprocess.run([sys.executable, script or os.path.join(HERE, "bridge.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def answer_capture(sid=SID2, mid=MID2):
+    def on_command(msg):
+        if msg.get("command") == "activate_id_capture":
+            return [{"type": "ids_captured", "session_id": sid, "message_id": mid}]
+    return on_command
+
+
+class Capture(BridgeCase):
+    endpoint_map = {"solo": {"session_id": SID, "message_id": MID}}
+
+    def cli(self, *args, timeout=30):
+        return run_cli("capture", "--config", self.h.config_path, "--bridge", self.h.url, *args, timeout=timeout)
+
+    def test_capture_writes_config_keeping_comments(self):
+        """`capture` arms the tab and writes the ids, mode and target into config.jsonc, comments kept."""
+        tab = self.h.tab()
+        tab.on_command = answer_capture()
+        r = self.cli("--mode", "battle", "--target", "B")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn(SID2, r.stdout)
+        self.assertEqual(tab.wait_command("activate_id_capture")["mode"], "battle")
+        with open(self.h.config_path, encoding="utf-8") as f:
+            text = f.read()
+        self.assertIn("// Captured by `python bridge.py capture`", text)
+        cfg = bridge.parse_json_file("c", text)
+        self.assertEqual((cfg["session_id"], cfg["message_id"], cfg["id_updater_last_mode"],
+                          cfg["id_updater_battle_target"]), (SID2, MID2, "battle", "B"))
+        # The running bridge uses the new ids at once.
+        self.h.client().chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(tab.tasks[-1]["payload"]["session_id"], SID2)
+        self.assertEqual(tab.tasks[-1]["payload"]["message_templates"][0]["participantPosition"], "b")
+
+    def test_capture_for_a_model_builds_a_pool(self):
+        """`capture --model` adds the session to that model's pool, turning one object into a list."""
+        tab = self.h.tab()
+        tab.on_command = answer_capture()
+        r = self.cli("--mode", "direct_chat", "--model", "solo")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        with open(os.path.join(self.h.dir, "model_endpoint_map.json"), encoding="utf-8") as f:
+            mapping = json.load(f)
+        self.assertEqual(mapping["solo"], [{"session_id": SID, "message_id": MID},
+                                           {"session_id": SID2, "message_id": MID2, "mode": "direct_chat",
+                                            "battle_target": "A"}])
+        r = self.cli("--mode", "battle", "--target", "A", "--model", "fresh")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(len(self.h.bridge.files.endpoint_map["fresh"]), 1)
+
+    def test_capture_failures_are_one_line_exit_1(self):
+        """No tab, a timeout, or no bridge at all: one line on stderr and exit code 1."""
+        r = self.cli("--mode", "direct_chat")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("No LMArena tab", r.stderr)
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1)
+        self.h.tab()
+        r = self.cli("--mode", "direct_chat", "--timeout", "0.5")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("Retry click", r.stderr)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+        r = run_cli("capture", "--config", self.h.config_path, "--bridge", dead, "--mode", "direct_chat")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("not reachable", r.stderr)
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1)
+
+
+class CaptureWithKey(BridgeCase):
+    config = {"api_key": "k1"}
+
+    def test_internal_endpoint_needs_the_key(self):
+        """The internal capture endpoint requires the API key when one is set; the CLI sends it."""
+        status, _, body = self.post("/internal/id_capture", {"mode": "direct_chat"})
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (401, "invalid_api_key"))
+        tab = self.h.tab()
+        tab.on_command = answer_capture()
+        r = run_cli("capture", "--config", self.h.config_path, "--bridge", self.h.url, "--mode", "direct_chat")
+        self.assertEqual(r.returncode, 0, r.stderr)
+
+    def test_loopback_check(self):
+        """Internal endpoints are for loopback clients only."""
+        self.assertTrue(bridge.is_loopback(("127.0.0.1", 5)))
+        self.assertTrue(bridge.is_loopback(("::1", 5, 0, 0)))
+        self.assertTrue(bridge.is_loopback(("::ffff:127.0.0.1", 5, 0, 0)))
+        self.assertFalse(bridge.is_loopback(("192.168.1.4", 5)))
+        self.assertFalse(bridge.is_loopback(("10.0.0.1", 5)))
+
+
+class ModelSync(BridgeCase):
+    models = {"hand-made": "null", "renamed": "00000000-0000-4000-8000-000000000000"}
+
+    def test_merge_models_from_the_page(self):
+        """New models are added (image ones as :image), changed ids updated, hand entries kept;
+        nothing is rewritten when nothing changed; /v1/models reflects it at once."""
+        page = [{"id": "aaaaaaaa-0000-4000-8000-000000000001", "publicName": "text-one",
+                 "capabilities": {"outputCapabilities": {"text": True}}},
+                {"id": "aaaaaaaa-0000-4000-8000-000000000002", "publicName": "painter",
+                 "capabilities": {"outputCapabilities": {"image": {}}}},
+                {"id": "aaaaaaaa-0000-4000-8000-000000000003", "publicName": "renamed"},
+                {"id": "no-name"}]
+        path = os.path.join(self.h.dir, "models.json")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write('{\n  // my own\n  "hand-made": "null",\n  "renamed": "00000000-0000-4000-8000-000000000000"\n}\n')
+        tab = self.h.tab()
+        self.h.run(tab.send({"type": "models", "models": page}))
+        self.h.wait(lambda: "painter" in self.h.bridge.files.models, what="merge")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        self.assertIn("// my own", text)
+        merged = bridge.parse_json_file(path, text)
+        self.assertEqual(merged, {"hand-made": "null", "renamed": "aaaaaaaa-0000-4000-8000-000000000003",
+                                  "text-one": "aaaaaaaa-0000-4000-8000-000000000001",
+                                  "painter": "aaaaaaaa-0000-4000-8000-000000000002:image"})
+        ids = {m.id for m in self.h.client().models.list()}
+        self.assertEqual(ids, set(merged))
+        stamp = os.stat(path).st_mtime_ns
+        time.sleep(0.02)
+        self.h.run(tab.send({"type": "models", "models": page}))
+        self.h.run(tab.send({"type": "hello"}))   # a round trip, so the report was handled
+        time.sleep(0.2)
+        self.assertEqual(os.stat(path).st_mtime_ns, stamp)
+        r = run_cli("models", "--config", self.h.config_path)
+        self.assertEqual(r.returncode, 0)
+        self.assertRegex(r.stdout, r"painter\s+aaaaaaaa-0000-4000-8000-000000000002\s+image")
+        self.assertRegex(r.stdout, r"text-one\s+aaaaaaaa-0000-4000-8000-000000000001\s+text")
+
+
+class FileServer:
+    """A tiny local HTTP server for update manifests and image bytes."""
+
+    def __init__(self, files: dict):
+        store = files
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                data = store.get(self.path)
+                if data is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Images(BridgeCase):
+    def test_generations_urls_in_parallel_over_tabs(self):
+        """n tasks run in parallel over the tabs; each answer's image URL comes back."""
+        counter = itertools.count()
+
+        def script(msg):
+            i = next(counter)
+            return [("sleep", 0.3), f'a2:[{{"type":"image","image":"https://img/{i}.png","mimeType":"image/png"}}]\n',
+                    'ad:{"finishReason":"stop"}\n', "[DONE]"]
+        t1, t2 = self.h.tab(script), self.h.tab(script)
+        t0 = time.time()
+        r = self.h.client().images.generate(model="image-model", prompt="a cat", n=4, size="1024x1024")
+        self.assertLess(time.time() - t0, 1.0)     # parallel, not 4 x 0.3 s
+        self.assertEqual(sorted(d.url for d in r.data), [f"https://img/{i}.png" for i in range(4)])
+        self.assertEqual(len(t1.tasks) + len(t2.tasks), 4)
+        self.assertGreater(min(len(t1.tasks), len(t2.tasks)), 0)
+        for t in t1.tasks + t2.tasks:
+            self.assertTrue(t["payload"]["is_image_request"])
+            self.assertEqual(t["payload"]["message_templates"][-1]["content"], "a cat")
+
+    def test_b64_json_and_partial_failure(self):
+        """b64_json fetches the bytes; a partial failure returns the images that succeeded."""
+        png = b"\x89PNG fake image bytes"
+        files = FileServer({"/a.png": png})
+        self.addCleanup(files.close)
+        counter = itertools.count()
+
+        def script(msg):
+            if next(counter) == 0:
+                return [{"error": "Too Many Requests", "status": 429}]
+            return [f'a2:[{{"type":"image","image":"{files.url}/a.png","mimeType":"image/png"}}]\n', "[DONE]"]
+        self.h.tab(script)
+        r = self.h.client().images.generate(model="image-model", prompt="p", n=2, response_format="b64_json")
+        self.assertEqual([base64.b64decode(d.b64_json) for d in r.data], [png])
+
+    def test_total_failure_is_an_openai_error(self):
+        """When every task fails the client gets an OpenAI-shaped error saying why."""
+        self.h.tab([{"error": "Too Many Requests", "status": 429, "retry_after": 9}])
+        with self.assertRaises(openai.RateLimitError) as cm:
+            self.h.client().images.generate(model="image-model", prompt="p", n=2)
+        self.assertIn("rate limit", cm.exception.message)
+
+    def test_bad_requests(self):
+        """n out of range, no prompt, bad response_format: 400."""
+        for body in ({"prompt": "p", "n": 11}, {"prompt": "p", "n": 0}, {"n": 1},
+                     {"prompt": "p", "response_format": "gif"}):
+            status, _, data = self.post("/v1/images/generations", body)
+            self.assertEqual(status, 400, body)
+            self.assertIn("message", json.loads(data)["error"])
+
+
+class Update(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="bridge-update-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        shutil.copy(os.path.join(HERE, "bridge.py"), self.dir)
+        for name in ("userscript.js", "config.jsonc"):
+            shutil.copy(os.path.join(HERE, name), self.dir)
+
+    def serve(self, new_bridge: bytes, sha: str | None = None, version="99.0.0"):
+        manifest = {"version": version, "files": {
+            "bridge.py": {"url": "files/bridge.py", "sha256": sha or hashlib.sha256(new_bridge).hexdigest()},
+            "config.jsonc": {"url": "files/config.jsonc", "sha256": hashlib.sha256(b"{}").hexdigest()}}}
+        srv = FileServer({"/m/manifest.json": json.dumps(manifest).encode(), "/m/files/bridge.py": new_bridge,
+                          "/m/files/config.jsonc": b"{}"})
+        self.addCleanup(srv.close)
+        cfg = os.path.join(self.dir, "config.jsonc")
+        with open(cfg, encoding="utf-8") as f:
+            text = f.read()
+        with open(cfg, "w", encoding="utf-8") as f:
+            f.write(bridge.jsonc_update(text, {"update_url": srv.url + "/m/manifest.json"}))
+        return srv
+
+    def read(self, name):
+        with open(os.path.join(self.dir, name), "rb") as f:
+            return f.read()
+
+    def test_update_verifies_backs_up_and_replaces_program_files_only(self):
+        """`update` downloads, verifies sha256, keeps a backup, never touches config.jsonc."""
+        old = self.read("bridge.py")
+        new = old + b"\n# new version\n"
+        self.serve(new)
+        config_before = self.read("config.jsonc")
+        r = run_cli("update", script=os.path.join(self.dir, "bridge.py"), cwd=self.dir)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("replaced bridge.py", r.stdout)
+        self.assertEqual(self.read("bridge.py"), new)
+        self.assertEqual(self.read("config.jsonc"), config_before)
+        backups = [d for d in os.listdir(self.dir) if d.startswith("backup-")]
+        self.assertEqual(len(backups), 1)
+        with open(os.path.join(self.dir, backups[0], "bridge.py"), "rb") as f:
+            self.assertEqual(f.read(), old)
+
+    def test_wrong_hash_replaces_nothing(self):
+        """A wrong sha256 replaces nothing and exits 1."""
+        old = self.read("bridge.py")
+        self.serve(old + b"# tampered\n", sha="0" * 64)
+        r = run_cli("update", script=os.path.join(self.dir, "bridge.py"), cwd=self.dir)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("sha256 mismatch", r.stdout)
+        self.assertEqual(self.read("bridge.py"), old)
+        self.assertFalse([d for d in os.listdir(self.dir) if d.startswith("backup-")])
+
+    def test_startup_check_logs_newer_version_and_survives_offline(self):
+        """The background check finds a newer version; an unreachable URL never breaks start-up."""
+        srv = self.serve(b"x")
+        h = Harness({"enable_auto_update": True, "update_url": srv.url + "/m/manifest.json"})
+        self.addCleanup(h.close)
+        h.wait(lambda: h.bridge.update_notice == "99.0.0", what="update notice")
+        h2 = Harness({"enable_auto_update": True, "update_url": "http://127.0.0.1:9/nothing"})
+        self.addCleanup(h2.close)
+        time.sleep(0.3)
+        self.assertIsNone(h2.bridge.update_notice)
+
+
+class StartupAndRestart(unittest.TestCase):
+    def start(self, *args, config=None, raw=None):
+        d = tempfile.mkdtemp(prefix="bridge-cli-")
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "config.jsonc")
+        with open(os.path.join(HERE, "config.jsonc"), encoding="utf-8") as f:
+            text = f.read()
+        settings = {"session_id": SID, "message_id": MID}
+        settings.update(config or {})
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(raw if raw is not None else bridge.jsonc_update(text, settings))
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "bridge.py"), "--config", path, "--port", "0", *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(p.stderr.close)
+        self.addCleanup(p.stdout.close)
+        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
+        return p, d
+
+    def listening(self, p):
+        line = p.stdout.readline()
+        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        self.assertTrue(m, line)
+        return int(m.group(1))
+
+    def test_broken_config_exit_2_with_line_and_column(self):
+        """A broken file stops start-up with its name, line and column, exit code 2, no traceback."""
+        p, d = self.start(raw='{\n  "port": 5102,\n  "host": ,\n}\n')
+        out, err = p.communicate(timeout=20)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("config.jsonc: line 3, column 11", err)
+        self.assertNotIn("Traceback", err)
+        p, d = self.start(config={"port": "abc"})
+        _, err = p.communicate(timeout=20)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn('"port" must be a number', err)
+
+    def test_port_0_missing_files_and_sigterm(self):
+        """--port 0 listens on a free port; missing optional files are reported; SIGTERM ends open
+        streams with an error event, tells tabs, and exits 0 within 5 s."""
+        p, d = self.start()
+        port = self.listening(p)
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+
+        async def scenario():
+            ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws", origin="https://lmarena.ai")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            body = json.dumps(chat(stream=True)).encode()
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%b"
+                         % (len(body), body))
+            task = json.loads(await ws.recv())
+            await ws.send(json.dumps({"request_id": task["request_id"], "data": 'a0:"part"\n'}))
+            head = await reader.readuntil(b"\r\n\r\n")
+            t0 = time.time()
+            p.send_signal(signal.SIGTERM)
+            rest = await asyncio.wait_for(reader.read(), 5)
+            closed = await asyncio.wait_for(ws.wait_closed(), 5)
+            return head, rest, time.time() - t0, ws.close_code
+        head, rest, took, code = loop.run_until_complete(scenario())
+        self.assertIn(b"200 OK", head)
+        body = dechunk(rest)
+        self.assertIn(b"bridge_shutdown", body)
+        self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
+        self.assertEqual(code, 1001)
+        self.assertEqual(p.wait(5), 0)
+        self.assertLess(took, 5)
+        err = p.stderr.read()
+        self.assertIn("models.json not found", err)
+
+    def test_idle_restart(self):
+        """After idle_restart_timeout_seconds without requests, tabs are told to reconnect and the
+        process restarts itself with the same arguments."""
+        p, d = self.start(config={"enable_idle_restart": True, "idle_restart_timeout_seconds": 1})
+        port = self.listening(p)
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+
+        async def tab():
+            ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws", origin="https://lmarena.ai")
+            return json.loads(await asyncio.wait_for(ws.recv(), 10))
+        self.assertEqual(loop.run_until_complete(tab()), {"command": "reconnect"})
+        self.listening(p)        # the new process says it listens again
+        self.assertIsNone(p.poll())
+        p.terminate()
+        self.assertEqual(p.wait(10), 0)
