@@ -61,6 +61,7 @@ class FakeTab:
         self.tasks, self.commands = [], []
         self.ws = None
         self.on_command = None        # msg -> list of replies (e.g. ids_captured)
+        self.record = True            # keep tasks and commands for assertions
         self.closed = threading.Event()
 
     async def connect(self):
@@ -75,10 +76,12 @@ class FakeTab:
             async for raw in self.ws:
                 msg = json.loads(raw)
                 if "payload" in msg:
-                    self.tasks.append(msg)
+                    if self.record:
+                        self.tasks.append(msg)
                     asyncio.get_running_loop().create_task(self.play(msg["request_id"], msg))
                 else:
-                    self.commands.append(msg)
+                    if self.record:
+                        self.commands.append(msg)
                     if self.on_command is not None:
                         for reply in self.on_command(msg) or ():
                             await self.ws.send(json.dumps(reply))
@@ -1499,3 +1502,359 @@ class StartupAndRestart(unittest.TestCase):
         self.assertIsNone(p.poll())
         p.terminate()
         self.assertEqual(p.wait(10), 0)
+
+
+# Hardening: strict HTTP, secure defaults, slow clients, fuzzing, soak ===============================
+
+class StrictHttp(unittest.TestCase):
+    BAD = [
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chun\xe2\x84\xaaed", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x1f", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1_0", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \xd9\xa5", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\nb", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n  folded", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX : a", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n: a", 400),
+        (b"GET / HTTP/1.1", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b", 400),
+        (b"GET  / HTTP/1.1\r\nHost: a", 400),
+        (b"GET / HTTP/2.0\r\nHost: a", 505),
+        (b"GET / FOO\r\nHost: a", 400),
+        (b"G\xc3\xa9T / HTTP/1.1\r\nHost: a", 400),
+        (b"GET /\xc3\xa9 HTTP/1.1\r\nHost: a", 400),
+    ]
+
+    def test_rejected_heads(self):
+        """Every smuggling vector in the table is refused with 400 (or 505)."""
+        for head, status in self.BAD:
+            with self.assertRaises(bridge.HttpError, msg=head) as cm:
+                bridge.parse_request_head(head)
+            self.assertEqual(cm.exception.status, status, head)
+
+    def test_accepted_heads(self):
+        """Plain requests parse, with lowercase names and keep-alive rules per version."""
+        r = bridge.parse_request_head(b"POST /v1/x?y=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\nX-A:  b ")
+        self.assertEqual((r.method, r.path, r.query, r.content_length, r.keep_alive, r.header("x-a")),
+                         ("POST", "/v1/x", "y=1", 5, True, "b"))
+        r = bridge.parse_request_head(b"GET / HTTP/1.0")
+        self.assertFalse(r.keep_alive)
+        r = bridge.parse_request_head(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked")
+        self.assertTrue(r.chunked)
+
+    def test_chunked_decoder_strict(self):
+        """A bad CRLF after chunk data, a bad size, or an oversized body is refused."""
+        for data, status in ((b"3\r\nabcX\r\n0\r\n\r\n", 400), (b"g\r\n", 400), (b"+3\r\nabc\r\n", 400),
+                             (b"ffffffffffffffffff\r\n", 400), (b"a\r\n0123456789\r\n", 413)):
+            with self.assertRaises(bridge.HttpError) as cm:
+                bridge.ChunkedDecoder(5).feed(data)
+            self.assertEqual(cm.exception.status, status, data)
+        d = bridge.ChunkedDecoder(100)
+        self.assertTrue(d.feed(b"3\r\nabc\r\n0\r\n\r\nNEXT"))
+        self.assertEqual((d.body(), d.leftover), (b"abc", b"NEXT"))
+
+    def test_outgoing_headers_never_carry_cr_lf(self):
+        """Header values written by the server are stripped of CR, LF and NUL."""
+        head = bridge.response_head(200, [("X-Evil", "a\r\nSet-Cookie: x=1"), ("X-Nul", "b\x00c")])
+        self.assertNotIn(b"\r\nSet-Cookie", head)
+        self.assertEqual(head.count(b"\r\n"), 4)
+
+
+class Security(BridgeCase):
+    config = {"cors_allowed_origins": ["http://localhost", "https://chat.example:8443"]}
+
+    def test_no_smuggling_after_unframeable_request(self):
+        """A request that cannot be framed closes the connection: the bytes behind it are never
+        read as a second request."""
+        self.h.tab()
+        smuggled = post_req(json.dumps(chat()).encode())
+        raw = self.raw(b"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled)
+        self.assertEqual(raw.count(b"HTTP/1.1 "), 1)
+        self.assertEqual(split_response(raw)[0], 400)
+        self.assertEqual(self.h.tabs[0].tasks, [])
+
+    def test_host_header_must_name_this_server(self):
+        """Host must be localhost, 127.0.0.1, [::1] or the configured host (DNS rebinding)."""
+        for host in (b"localhost", b"127.0.0.1:5102", b"[::1]:80", b"LOCALHOST"):
+            status, _, _ = split_response(self.raw(b"GET /health HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"))
+            self.assertEqual(status, 200, host)
+        for host in (b"evil.example", b"evil.example:5102", b"127.0.0.1.evil.example", b"10.0.0.1"):
+            status, _, body = split_response(self.raw(b"GET /health HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"))
+            self.assertEqual(status, 403, host)
+            self.assertEqual(json.loads(body)["error"]["code"], "invalid_host")
+
+    def test_cors(self):
+        """Preflight and responses only for allowed origins; a port-less entry matches every port."""
+        pre = (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: %b\r\n"
+               b"Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\n"
+               b"Connection: close\r\n\r\n")
+        for origin in (b"http://localhost:3000", b"http://localhost", b"https://chat.example:8443"):
+            status, headers, _ = split_response(self.raw(pre % origin))
+            self.assertEqual(status, 204, origin)
+            self.assertEqual(headers["access-control-allow-origin"], origin.decode())
+            self.assertIn("POST", headers["access-control-allow-methods"])
+            self.assertIn("authorization", headers["access-control-allow-headers"])
+        for origin in (b"https://evil.example", b"https://chat.example:9999", b"null", b"http://localhost.evil.example"):
+            status, headers, _ = split_response(self.raw(pre % origin))
+            self.assertEqual(status, 403, origin)
+            self.assertNotIn("access-control-allow-origin", headers)
+        status, headers, _ = split_response(self.raw(get_req("/v1/models", b"Origin: http://localhost:5173\r\nConnection: close\r\n")))
+        self.assertEqual((status, headers["access-control-allow-origin"]), (200, "http://localhost:5173"))
+
+    def test_simple_cross_site_post_refused_before_tab(self):
+        """A 'simple' text/plain POST from a foreign page is refused before anything reaches a tab."""
+        tab = self.h.tab()
+        body = json.dumps(chat()).encode()
+        raw = self.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://evil.example\r\n"
+                       b"Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        self.assertEqual(split_response(raw)[0], 403)
+        time.sleep(0.1)
+        self.assertEqual(tab.tasks, [])
+
+    def test_keys_and_prompts_not_logged(self):
+        """At info level the log has one line per request and no prompt text."""
+        self.h.tab()
+        records = []
+        handler = bridge.logging.Handler()
+        handler.emit = records.append
+        bridge.log.addHandler(handler)
+        bridge.set_log_level("info")
+        try:
+            self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "SECRET-PROMPT"}])
+        finally:
+            bridge.log.removeHandler(handler)
+            bridge.set_log_level("error")
+        text = "\n".join(r.getMessage() for r in records)
+        self.assertNotIn("SECRET-PROMPT", text)
+        request_lines = [r.getMessage() for r in records if "/v1/chat/completions" in r.getMessage()]
+        self.assertEqual(len(request_lines), 1)
+        self.assertRegex(request_lines[0], r"model=test-model tab=tab\d+ status=200 \d+ms")
+
+
+class ExposedWarning(unittest.TestCase):
+    def test_warns_when_exposed_without_key(self):
+        """Listening beyond loopback without api_key logs a warning."""
+        records = []
+        handler = bridge.logging.Handler()
+        handler.emit = records.append
+        bridge.log.addHandler(handler)
+        self.addCleanup(bridge.log.removeHandler, handler)
+        h = Harness()
+        self.addCleanup(h.close)
+        bridge.set_log_level("warning")
+        self.addCleanup(bridge.set_log_level, "error")
+
+        async def start_exposed():
+            b = bridge.Bridge(h.bridge.files, "0.0.0.0", 0)
+            await b.start()
+            await b.stop(grace=0)
+        h.run(start_exposed())
+        self.assertTrue(any("without an api_key" in r.getMessage() for r in records))
+
+
+class SlowClients(BridgeCase):
+    config = {"head_timeout_seconds": 2, "max_connections": 300}
+
+    def test_200_slow_connections_do_not_block_a_normal_request(self):
+        """With 200 slow connections trickling bytes, a normal request is answered promptly."""
+        self.h.tab()
+        slow = []
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", self.h.port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            slow.append(s)
+        self.addCleanup(lambda: [s.close() for s in slow])
+        t0 = time.time()
+        r = self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(r.choices[0].message.content, "Hello world!")
+        self.assertLess(time.time() - t0, 2)
+        # And the slow ones are cut at their head deadline, not kept forever.
+        time.sleep(2.5)
+        self.h.wait(lambda: len(self.h.bridge.connections) <= 2, timeout=5, what="slow connections dropped")
+
+    def test_connection_cap(self):
+        """Past max_connections new connections get 503 at once."""
+        self.h.bridge.files.config["max_connections"] = 5
+        held = [self.connect() for _ in range(5)]
+        self.h.wait(lambda: len(self.h.bridge.connections) == 5)
+        raw = self.raw(get_req())
+        self.assertEqual(split_response(raw)[0], 503)
+        del held
+
+    def test_client_that_stops_reading_is_dropped(self):
+        """A client that stops reading a stream does not grow memory without bound: past the cap
+        it is dropped and the tab told to abort."""
+        old = bridge.MAX_PENDING_OUTPUT
+        bridge.MAX_PENDING_OUTPUT = 256 * 1024
+        self.addCleanup(setattr, bridge, "MAX_PENDING_OUTPUT", old)
+        piece = json.dumps("x" * 8000)
+        tab = self.h.tab([f"a0:{piece}\n"] * 3000 + ["[DONE]"])
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", self.h.port))
+        self.addCleanup(s.close)
+        body = json.dumps(chat(stream=True)).encode()
+        s.sendall(post_req(body))
+        cmd = tab.wait_command("abort", timeout=20)
+        self.assertEqual(cmd["request_id"], tab.tasks[0]["request_id"])
+        self.h.wait(lambda: not self.h.bridge.jobs, what="job gone")
+
+
+class AllTabsGone(BridgeCase):
+    def test_queued_requests_end_when_tabs_vanish(self):
+        """Requests in flight when every tab disappears all end with a clean error, never a hang."""
+        tab = self.h.tab([("hang",)])
+        results = []
+
+        def one():
+            try:
+                self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+            except openai.APIStatusError as e:
+                results.append(e.status_code)
+        threads = [threading.Thread(target=one) for _ in range(5)]
+        for t in threads:
+            t.start()
+        self.h.wait(lambda: len(tab.tasks) == 5)
+        tab.close()
+        for t in threads:
+            t.join(5)
+        self.assertEqual(results, [502] * 5)
+        self.assertFalse(self.h.bridge.jobs)
+
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+
+@unittest.skipIf(given is None, "hypothesis is not installed")
+class Fuzz(unittest.TestCase):
+    if given is not None:
+        @settings(max_examples=400, deadline=None)
+        @given(st.binary(max_size=600))
+        def test_head_parser_only_raises_http_errors(self, data):
+            """Arbitrary bytes: the head parser returns a request or raises HttpError, nothing else."""
+            with contextlib.suppress(bridge.HttpError):
+                bridge.parse_request_head(data)
+
+        @settings(max_examples=400, deadline=None)
+        @given(st.lists(st.binary(max_size=64), max_size=8))
+        def test_chunked_decoder_only_raises_http_errors(self, parts):
+            """Arbitrary bytes: the chunked decoder only raises HttpError."""
+            d = bridge.ChunkedDecoder(1000)
+            with contextlib.suppress(bridge.HttpError):
+                for p in parts:
+                    if d.feed(p):
+                        break
+
+        @settings(max_examples=400, deadline=None)
+        @given(st.lists(st.one_of(st.text(max_size=80), st.binary(max_size=80)), max_size=6), st.sampled_from("ab"))
+        def test_line_parser_never_raises(self, parts, side):
+            """Arbitrary text or bytes: the LMArena line parser never raises."""
+            p = bridge.ArenaStreamParser(side)
+            kind = None
+            for part in parts:
+                if kind is not None and type(part) is not kind:
+                    continue     # one stream is either text or bytes
+                kind = type(part)
+                p.feed(part)
+            p.close()
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(st.binary(min_size=1, max_size=400))
+        def test_server_survives_arbitrary_bytes(self, data):
+            """Arbitrary bytes to a live server: any response is well-formed HTTP, and it keeps serving."""
+            h = self.__class__.h
+            with socket.create_connection(("127.0.0.1", h.port), timeout=5) as s:
+                with contextlib.suppress(OSError):
+                    s.sendall(data)
+                    s.shutdown(socket.SHUT_WR)
+                got = b""
+                with contextlib.suppress(OSError):
+                    while True:
+                        chunk = s.recv(65536)
+                        if not chunk:
+                            break
+                        got += chunk
+            for m in re.finditer(rb"HTTP/1\.1 (\d{3}) ", got):
+                self.assertIn(int(m.group(1)), bridge._REASONS)
+            if got:
+                self.assertRegex(got, rb"^HTTP/1\.1 \d{3} [A-Za-z -]+\r\n")
+            with socket.create_connection(("127.0.0.1", h.port), timeout=5) as s:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                self.assertTrue(s.recv(100).startswith(b"HTTP/1.1 200"))
+
+    @classmethod
+    def setUpClass(cls):
+        cls.h = Harness({"head_timeout_seconds": 1, "body_timeout_seconds": 1})
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.h.close()
+
+
+class Soak(BridgeCase):
+    def test_thousands_of_requests_leave_nothing_behind(self):
+        """Thousands of mixed requests (streamed, plain, aborted, failed) leave no tasks, queues or
+        connections behind, and memory returns to its level before the load."""
+        def script(msg):
+            prompt = msg["payload"]["message_templates"][-1]["content"]
+            if prompt == "fail":
+                return [{"error": "boom", "status": 500}]
+            if prompt == "abort":
+                return lines("a", finish=None) + [("sleep", 0.05)] + lines("b") + ["[DONE]"]
+            return lines("Hello ", "world!") + ["[DONE]"]
+        for tab in (self.h.tab(script), self.h.tab(script)):
+            tab.record = False        # the test's own bookkeeping must not count as a leak
+
+        def batch(n):
+            for i in range(n):
+                kind = i % 4
+                body = json.dumps(chat({0: "ok", 1: "ok", 2: "fail", 3: "abort"}[kind], stream=kind != 1)).encode()
+                s = socket.create_connection(("127.0.0.1", self.h.port), timeout=10)
+                try:
+                    s.sendall(post_req(body, extra=b"Connection: close\r\n"))
+                    if kind == 3:
+                        s.recv(10)
+                    else:
+                        while s.recv(65536):
+                            pass
+                finally:
+                    s.close()
+
+        batch(200)              # warm up caches and pools
+        self.h.wait(lambda: not self.h.bridge.jobs and len(self.h.bridge.connections) == 2, timeout=10)
+        gc.collect()
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.get_traced_memory()[0]
+        threads = [threading.Thread(target=batch, args=(500,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.h.wait(lambda: not self.h.bridge.jobs, timeout=10, what="jobs drained")
+        self.h.wait(lambda: len(self.h.bridge.connections) == 2, timeout=10, what="connections closed")
+        b = self.h.bridge
+        self.assertEqual([len(t.jobs) for t in b.tabs], [0, 0])
+        self.assertFalse(b.dirty)
+        gc.collect()
+        time.sleep(0.2)
+        after = tracemalloc.get_traced_memory()[0]
+        if after - before > 1_000_000:
+            for stat in tracemalloc.take_snapshot().statistics("lineno")[:8]:
+                print(stat)
+        self.assertLess(after - before, 1_000_000, f"grew by {after - before} bytes")
