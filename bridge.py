@@ -90,7 +90,12 @@ WS_MAX_MESSAGE = 64 * 2**20       # tab messages carry base64 images: several Mi
 WS_PING_INTERVAL = 20.0           # server pings; browsers answer even in throttled background tabs
 WS_PING_TIMEOUT = 20.0            # no traffic at all for interval + timeout: the tab is dead
 MAX_PENDING_OUTPUT = 8 * 2**20    # bytes queued for a client that does not read; past it we give up
-READ_SIZE = 262144
+READ_SIZE = 262144                # HTTP reads
+TAB_READ_SIZE = 32768             # tab reads: smaller batches flush the first tokens sooner under load
+
+# Hot-path JSON: skip json.loads' type checks and encoding sniffing (tab messages are UTF-8 text).
+_json_decode = json.JSONDecoder().decode
+_scan_json_string = json.decoder.scanstring
 
 LMARENA_HOSTS = ("lmarena.ai", "arena.ai")
 RETRY_PATH = "/nextjs-api/stream/retry-evaluation-session-message/{session_id}/messages/{message_id}"
@@ -1048,8 +1053,22 @@ class ArenaStreamParser:
         if line[0] != self.side:
             return
         code, payload = line[1], line[3:]
+        if code == "0" and payload[:1] == '"':
+            # Text deltas are most of the stream: scan the string literal without a full JSON parse.
+            try:
+                value, end = _scan_json_string(payload, 1)
+            except ValueError:
+                end = -1
+            if end == len(payload):
+                if value == "hasArenaError":
+                    events.append(("error", ApiError(502, "LMArena failed to answer this turn "
+                                                     "(hasArenaError). Try again or pick another model.",
+                                                     "upstream_error")))
+                elif value:
+                    events.append(("text", payload, value))
+                return
         try:
-            value = json.loads(payload)
+            value = _json_decode(payload)
         except ValueError:
             log.debug("unparsable LMArena line dropped: %.200s", line)
             return
@@ -1412,8 +1431,8 @@ class Tab:
 
     def on_message(self, raw: bytes) -> None:
         try:
-            msg = json.loads(raw)
-        except ValueError:
+            msg = _json_decode(raw.decode())
+        except ValueError:     # UnicodeDecodeError is a ValueError too
             log.debug("%s sent something that is not JSON; ignored", self.name)
             return
         if type(msg) is not dict:
@@ -2347,7 +2366,7 @@ class Bridge(Routes):
                 data, conn.buf = bytes(conn.buf), bytearray()
                 tab.receive(data)
             while proto.state is not WsState.CLOSED:
-                data = await conn.reader.read(READ_SIZE)
+                data = await conn.reader.read(TAB_READ_SIZE)
                 if not data:
                     proto.receive_eof()
                     break
