@@ -59,7 +59,6 @@ import logging
 import mimetypes
 import os
 import re
-import secrets
 import signal
 import sys
 import tempfile
@@ -90,8 +89,7 @@ WS_MAX_MESSAGE = 64 * 2**20       # tab messages carry base64 images: several Mi
 WS_PING_INTERVAL = 20.0           # server pings; browsers answer even in throttled background tabs
 WS_PING_TIMEOUT = 20.0            # no traffic at all for interval + timeout: the tab is dead
 MAX_PENDING_OUTPUT = 8 * 2**20    # bytes queued for a client that does not read; past it we give up
-READ_SIZE = 262144                # HTTP reads
-TAB_READ_SIZE = 32768             # tab reads: smaller batches flush the first tokens sooner under load
+READ_SIZE = 262144                # one read; all tab messages of a read are flushed to clients together
 
 # Hot-path JSON: skip json.loads' type checks and encoding sniffing (tab messages are UTF-8 text).
 _json_decode = json.JSONDecoder().decode
@@ -702,11 +700,12 @@ def uuid7_chain(n: int, now_ms: int | None = None) -> list[str]:
     """n fresh UUIDv7 strings, strictly increasing (same millisecond, rising 12-bit sequence)."""
     ms = int(time.time() * 1000) if now_ms is None else now_ms
     out = []
-    seq = secrets.randbelow(1024)
-    for _ in range(n):
+    entropy = os.urandom(8 * n + 2)          # one system call for the whole chain
+    seq = int.from_bytes(entropy[-2:], "big") & 0x3FF
+    for i in range(n):
         if seq > 0xFFF:
             ms, seq = ms + 1, 0
-        rand_b = secrets.randbits(62)
+        rand_b = int.from_bytes(entropy[8 * i:8 * i + 8], "big") >> 2
         value = (ms & 0xFFFFFFFFFFFF) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand_b
         out.append(str(uuid.UUID(int=value)))
         seq += 1
@@ -1257,6 +1256,23 @@ class Job:
             self.received = True
             self.wake.set()
         if type(data) is str:
+            # Fast path: one whole text-delta line of our side (what most tab messages are).
+            p = self.parser
+            if data[-1:] == "\n" and data[1:4] == '0:"' and data[0] == p.side and not p.pending \
+                    and data.find("\n") == len(data) - 1:
+                literal = data[3:-1]
+                try:
+                    text, end = _scan_json_string(literal, 1)
+                except ValueError:
+                    end = -1
+                if end == len(literal) and text and text != "hasArenaError":
+                    self.completion_chars += len(text)
+                    if self.stream:
+                        self.out.append(self.fmt.content(literal))
+                        self.bridge.dirty.add(self)
+                    else:
+                        self.content.append(text)
+                    return
             if data == "[DONE]":
                 self._events(self.parser.close())
                 if not self.done:
@@ -1641,8 +1657,10 @@ class Connection:
     # -- writing --
     async def write(self, data: bytes) -> None:
         self.writer.write(data)
-        async with asyncio.timeout(self.bridge.files.config["body_timeout_seconds"]):
-            await self.writer.drain()
+        if self.transport.get_write_buffer_size() > 65536 or self.transport.is_closing():
+            # Only a client that is slow to read makes us wait, and only for so long.
+            async with asyncio.timeout(self.bridge.files.config["body_timeout_seconds"]):
+                await self.writer.drain()
 
     def base_headers(self, req: HttpRequest | None) -> list:
         headers = [("Server", f"lmarena-bridge/{VERSION}")]
@@ -1943,7 +1961,10 @@ class Routes:
         first = job.fmt.role() + "".join(job.out) + ("" if job.received or job.done else ": keep-alive\n\n")
         job.out.clear()
         data = first.encode()
-        conn.writer.write(response_head(200, headers) + (data if http10 else chunk_frame(data)))
+        opening = response_head(200, headers) + (data if http10 else chunk_frame(data))
+        if not job.done:     # a quick answer goes out in one write with its end, below
+            conn.writer.write(opening)
+            opening = b""
         job.http10 = http10
         job.live = conn.transport
         interval = cfg["keepalive_interval_seconds"]
@@ -1982,9 +2003,9 @@ class Routes:
         job.live = None
         self.log_request(req, status, started, job)
         if http10:
-            await conn.write(data)
+            await conn.write(opening + data)
             return False
-        await conn.write(chunk_frame(data) + b"0\r\n\r\n")
+        await conn.write(opening + chunk_frame(data) + b"0\r\n\r\n")
         return req.keep_alive and not conn.eof
 
     # -- /v1/images/generations --
@@ -2366,7 +2387,7 @@ class Bridge(Routes):
                 data, conn.buf = bytes(conn.buf), bytearray()
                 tab.receive(data)
             while proto.state is not WsState.CLOSED:
-                data = await conn.reader.read(TAB_READ_SIZE)
+                data = await conn.reader.read(READ_SIZE)
                 if not data:
                     proto.receive_eof()
                     break

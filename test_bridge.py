@@ -1473,7 +1473,7 @@ class StartupAndRestart(unittest.TestCase):
             t0 = time.time()
             p.send_signal(signal.SIGTERM)
             rest = await asyncio.wait_for(reader.read(), 5)
-            closed = await asyncio.wait_for(ws.wait_closed(), 5)
+            await asyncio.wait_for(ws.wait_closed(), 5)
             return head, rest, time.time() - t0, ws.close_code
         head, rest, took, code = loop.run_until_complete(scenario())
         self.assertIn(b"200 OK", head)
