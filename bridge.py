@@ -1522,7 +1522,7 @@ def is_loopback(peer) -> bool:
     try:
         ip = ipaddress.ip_address(peer[0] if isinstance(peer, tuple) else peer)
     except (ValueError, TypeError, IndexError):
-        return isinstance(peer, str) or peer is None     # a Unix socket is local
+        return isinstance(peer, str)     # a Unix socket ("" or a path) is local
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
     return ip.is_loopback
@@ -1541,6 +1541,7 @@ class Connection:
         self.peer = writer.get_extra_info("peername")
         self.buf = bytearray()
         self.eof = False
+        self.linger = False           # an error answer was sent with Connection: close
         # Per-request state
         self.responded = False
 
@@ -1584,7 +1585,24 @@ class Connection:
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             pass
         finally:
-            self.transport.abort() if self.transport.get_write_buffer_size() else self.writer.close()
+            await self.close()
+
+    async def close(self) -> None:
+        """After an error answer the client may still be sending the body we refused: half-close
+        and discard its bytes for a moment (a lingering close), so it reads our answer instead of
+        a connection reset. Whatever happens, the transport is gone a few seconds later."""
+        transport = self.transport
+        if self.linger and not self.eof and not transport.is_closing() and transport.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError, TimeoutError, ConnectionError):
+                transport.write_eof()
+                async with asyncio.timeout(2):
+                    for _ in range(256):
+                        if not await self.reader.read(READ_SIZE):
+                            break
+        pending = transport.get_write_buffer_size()
+        self.writer.close()
+        if pending:          # a client that never reads cannot keep the socket open for long
+            asyncio.get_running_loop().call_later(5, transport.abort)
 
     async def read_head(self, first: bool, cfg: dict) -> HttpRequest | None:
         limit = int(cfg["max_head_bytes"])
@@ -1679,6 +1697,7 @@ class Connection:
         headers += [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         if not keep:
             headers.append(("Connection", "close"))
+            self.linger = status >= 400
         elif req.version == "HTTP/1.0":
             headers.append(("Connection", "keep-alive"))
         self.responded = True
