@@ -1858,3 +1858,64 @@ class Soak(BridgeCase):
             for stat in tracemalloc.take_snapshot().statistics("lineno")[:8]:
                 print(stat)
         self.assertLess(after - before, 1_000_000, f"grew by {after - before} bytes")
+
+
+class UserFileWrites(unittest.TestCase):
+    def test_jsonc_update_keeps_comments_and_layout(self):
+        """Editing JSONC keeps every comment, quotes style and member order; new keys are appended."""
+        text = ('// head\n{\n  // the session\n  "session_id": "YOUR_SESSION_ID", // trailing\n'
+                "  'message_id': 'x',\n  /* block */ \"n\": 5,\n  \"obj\": {\"a\": [1, {\"b\": \"}\"}]},\n  // tail\n}\n")
+        out = bridge.jsonc_update(text, {"session_id": SID, "n": 7, "new": True})
+        for piece in ("// head", "// the session", "// trailing", "/* block */", "// tail", "'message_id': 'x'"):
+            self.assertIn(piece, out)
+        self.assertEqual(bridge.parse_json_file("t", out),
+                         {"session_id": SID, "message_id": "x", "n": 7, "obj": {"a": [1, {"b": "}"}]}, "new": True})
+        self.assertLess(out.index('"obj"'), out.index('"new"'))
+
+    def test_crash_during_write_leaves_the_old_file(self):
+        """A crash at any point of a write leaves the previous file and no temporary file."""
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "config.jsonc")
+        with open(path, "w") as f:
+            f.write('{"a": 1}')
+        for broken in ("fsync", "replace"):
+            original = getattr(os, broken)
+
+            def boom(*a, **k):
+                raise OSError("simulated crash")
+            setattr(bridge.os, broken, boom)
+            try:
+                with self.assertRaises(OSError):
+                    bridge.atomic_write(path, '{"a": 2}')
+            finally:
+                setattr(bridge.os, broken, original)
+            with open(path) as f:
+                self.assertEqual(f.read(), '{"a": 1}')
+            self.assertEqual(os.listdir(d), ["config.jsonc"])
+        bridge.atomic_write(path, '{"a": 3}')
+        with open(path) as f:
+            self.assertEqual(f.read(), '{"a": 3}')
+
+
+class InteractiveCapture(BridgeCase):
+    def test_asks_in_a_terminal_defaulting_to_the_last_choice(self):
+        """Run in a terminal without options, `capture` asks mode and target; Enter keeps the last."""
+        import pty
+        with open(self.h.config_path, encoding="utf-8") as f:
+            text = f.read()
+        with open(self.h.config_path, "w", encoding="utf-8") as f:
+            f.write(bridge.jsonc_update(text, {"id_updater_last_mode": "battle", "id_updater_battle_target": "B"}))
+        tab = self.h.tab()
+        tab.on_command = answer_capture()
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "bridge.py"), "capture", "--config",
+                              self.h.config_path, "--bridge", self.h.url], stdin=slave,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        os.close(slave)
+        os.write(master, b"\n\n")
+        out, err = p.communicate(timeout=30)
+        self.assertEqual(p.returncode, 0, err)
+        cmd = tab.wait_command("activate_id_capture")
+        self.assertEqual((cmd["mode"], cmd["battle_target"]), ("battle", "B"))

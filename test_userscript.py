@@ -41,7 +41,8 @@ PAGE_MODELS = [
 
 
 def flight_page() -> bytes:
-    """An LMArena-like page: the model list in two flight-data pushes, a fake grecaptcha."""
+    """An LMArena-like page: the model list in two flight-data pushes, a fake grecaptcha, the
+    reCAPTCHA site key only in a same-origin script file."""
     flight = '1:["$","div",null,{"initialModels":' + json.dumps(PAGE_MODELS) + ',"other":1}]\n'
     half = len(flight) // 2
     pushes = "".join(f"<script>(self.__next_f=self.__next_f||[]).push([1,{json.dumps(part)}])</script>"
@@ -53,8 +54,8 @@ def flight_page() -> bytes:
     ready(cb) {{ setTimeout(cb, 5); }},
     execute(key, opts) {{ window.__tokens++; return Promise.resolve('tok-' + key + '-' + opts.action + '-' + window.__tokens); }}
   }}}};
-  function warmUp() {{ return grecaptcha.enterprise.execute("{SITE_KEY}", {{action: "page_load"}}); }}
 </script>
+<script src="/static/app.js"></script>
 {pushes}
 </head><body><h1>Stand-in arena</h1></body></html>""".encode()
 
@@ -77,6 +78,9 @@ class ArenaHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
+        if self.path == "/static/app.js":   # the site key lives only in a script file, as on LMArena
+            js = f'function warmUp() {{ return grecaptcha.enterprise.execute("{SITE_KEY}", {{action: "page_load"}}); }}'
+            return self.reply(200, "application/javascript", js.encode())
         body = flight_page()
         self.send_response(200)
         self.send_header("Content-Type", "text/html; charset=utf-8")

@@ -290,21 +290,34 @@
   }
 
   // ---- reCAPTCHA v3 Enterprise tokens, minted in page context --------------------------------
-  function discoverSiteKey() {
+  const KEY_PATTERNS = [
+    /enterprise\.js\?(?:[^"'\s]*&)?render=([\w-]{20,60})/,
+    /\.execute\(\s*["']([\w-]{20,60})["']/,
+  ];
+
+  function findKey(text) {
+    for (const re of KEY_PATTERNS) {
+      const m = re.exec(text || '');
+      if (m && m[1] !== 'explicit') return m[1];
+    }
+    return null;
+  }
+
+  // The page's current key, from its inline scripts, script URLs, or (bounded) its own script files.
+  async function discoverSiteKey() {
     if (state.siteKey) return state.siteKey;
-    const patterns = [/enterprise\.js\?render=(6L[0-9A-Za-z_-]{38})/, /execute\(\s*["'](6L[0-9A-Za-z_-]{38})["']/];
-    try {
-      for (const script of Array.from(document.scripts)) {
-        const haystacks = [script.src || '', (script.textContent || '').slice(0, 500000)];
-        for (const text of haystacks) {
-          for (const re of patterns) {
-            const m = re.exec(text);
-            if (m) return (state.siteKey = m[1]);
-          }
-        }
-      }
-    } catch (e) {
-      warn('site key discovery failed', e);
+    const scripts = Array.from(document.scripts);
+    for (const script of scripts) {
+      const key = findKey(script.src) || findKey((script.textContent || '').slice(0, 2000000));
+      if (key) return (state.siteKey = key);
+    }
+    const sameOrigin = scripts.map((s) => s.src).filter((src) => src && src.startsWith(location.origin)).slice(0, 40);
+    for (const src of sameOrigin) {
+      try {
+        const text = await withTimeout(originalFetch.call(window, src).then((r) => r.text()), 3000, 'script fetch');
+        const key = findKey(text);
+        if (key) return (state.siteKey = key);
+      } catch (e) { /* a script we cannot read: try the next one */ }
     }
     return CONFIG.recaptchaFallbackKeys[0];
   }
@@ -323,15 +336,15 @@
   }
 
   let injected = false;
-  async function grecaptchaEnterprise() {
-    const end = Date.now() + CONFIG.recaptchaLoadWaitMs;
-    while (Date.now() < end) {
+  async function grecaptchaEnterprise(key) {
+    const start = Date.now();
+    while (Date.now() - start < CONFIG.recaptchaLoadWaitMs) {
       const g = window.grecaptcha && window.grecaptcha.enterprise;
       if (g && typeof g.execute === 'function') return g;
-      if (!injected && Date.now() > end - CONFIG.recaptchaLoadWaitMs + 3000) {
-        injected = true; // the page has not loaded it yet: load it ourselves, once
+      if (!injected && Date.now() - start > 3000) {
+        injected = true; // the page has not loaded it: load it ourselves, once
         const s = document.createElement('script');
-        s.src = 'https://www.google.com/recaptcha/enterprise.js?render=' + discoverSiteKey();
+        s.src = 'https://www.google.com/recaptcha/enterprise.js?render=' + encodeURIComponent(key);
         (document.head || document.documentElement).appendChild(s);
       }
       await sleep(100);
@@ -340,9 +353,10 @@
   }
 
   async function mintToken(action) {
-    const g = await grecaptchaEnterprise();
+    const key = await discoverSiteKey();
+    const g = await grecaptchaEnterprise(key);
     await withTimeout(new Promise((resolve) => g.ready(resolve)), CONFIG.recaptchaTokenWaitMs, 'grecaptcha.ready');
-    return withTimeout(g.execute(discoverSiteKey(), { action }), CONFIG.recaptchaTokenWaitMs, 'grecaptcha.execute');
+    return withTimeout(g.execute(key, { action }), CONFIG.recaptchaTokenWaitMs, 'grecaptcha.execute');
   }
 
   // ---- Id capture: the ids of the next Retry the user clicks ---------------------------------
