@@ -89,6 +89,7 @@ WS_MAX_MESSAGE = 64 * 2**20       # tab messages carry base64 images: several Mi
 WS_PING_INTERVAL = 20.0           # server pings; browsers answer even in throttled background tabs
 WS_PING_TIMEOUT = 20.0            # no traffic at all for interval + timeout: the tab is dead
 MAX_PENDING_OUTPUT = 8 * 2**20    # bytes queued for a client that does not read; past it we give up
+MAX_ANSWER_CHARS = 64 * 2**20     # a non-streaming answer is held in memory: a runaway tab stops here
 READ_SIZE = 262144                # one read; all tab messages of a read are flushed to clients together
 
 # Hot-path JSON: skip json.loads' type checks and encoding sniffing (tab messages are UTF-8 text).
@@ -1272,6 +1273,10 @@ class Job:
                         self.bridge.dirty.add(self)
                     else:
                         self.content.append(text)
+                        if self.completion_chars > MAX_ANSWER_CHARS:
+                            self.fail(ApiError(502, "The answer is larger than the bridge keeps in memory "
+                                               f"({MAX_ANSWER_CHARS} characters); use stream=true.",
+                                               "upstream_error"))
                     return
             if data == "[DONE]":
                 self._events(self.parser.close())
@@ -1296,6 +1301,11 @@ class Job:
                     self.out.append(self.fmt.content(ev[1]))
                 else:
                     self.content.append(ev[2])
+                    if self.completion_chars > MAX_ANSWER_CHARS:
+                        self.fail(ApiError(502, "The answer is larger than the bridge keeps in memory "
+                                           f"({MAX_ANSWER_CHARS} characters); use stream=true.",
+                                           "upstream_error"))
+                        return
             elif kind == "reasoning":
                 if self.stream:
                     self.out.append(self.fmt.reasoning(json.dumps(ev[1], ensure_ascii=False)))
@@ -1370,7 +1380,6 @@ class Job:
         self.done = True
         if self.tab is not None:
             self.tab.jobs.pop(self.id, None)
-            self.bridge.tab_changed()
         if self.dispatcher is not None and not self.dispatcher.done():
             self.dispatcher.cancel()
         self.bridge.jobs.pop(self.id, None)
@@ -1542,6 +1551,7 @@ class Connection:
         self.buf = bytearray()
         self.eof = False
         self.linger = False           # an error answer was sent with Connection: close
+        self.busy = False             # a request is being answered (idle ones close at shutdown)
         # Per-request state
         self.responded = False
 
@@ -1570,7 +1580,11 @@ class Connection:
                     return
                 first = False
                 self.responded = False
+                self.busy = True
                 if not await self.bridge.handle(self, req):
+                    return
+                self.busy = False
+                if self.bridge.stopping:
                     return
                 cfg = self.bridge.files.config
         except HttpError as exc:
@@ -1584,6 +1598,12 @@ class Connection:
                                                    "request_timeout"), close=True)
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             pass
+        except Exception:             # a bug: say so once, never leave the client hanging
+            log.exception("internal error while serving %s", self.peer)
+            if not self.responded:
+                with contextlib.suppress(Exception):
+                    await self.send_error(ApiError(500, "Internal error in the bridge; see its log.",
+                                                   "internal_error"), close=True)
         finally:
             await self.close()
 
@@ -1903,7 +1923,11 @@ class Routes:
 
     def start_job(self, job: Job) -> None:
         self.jobs[job.id] = job
-        job.dispatcher = self.spawn(self.dispatch(job))
+        tab = self.pick_tab()
+        if tab is not None:
+            self.assign(job, tab)
+        else:                     # no tab right now: fail at once, or wait after a Cloudflare check
+            job.dispatcher = self.spawn(self.dispatch(job))
 
     async def route_chat(self, conn: Connection, req: HttpRequest, body: bytes, started: float) -> bool:
         self.last_api_request = time.monotonic()
@@ -2249,6 +2273,9 @@ class Bridge(Routes):
             tab.close(1001, "bridge shutting down")
         for task in list(self.background):
             task.cancel()
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.transport.abort()
         end = time.monotonic() + grace
         while self.connections and time.monotonic() < end:
             await asyncio.sleep(0.05)
