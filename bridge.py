@@ -301,13 +301,14 @@ def is_placeholder_id(value) -> bool:
 
 # 3. Atomic, comment-keeping writes of user files ====================================================
 
-def atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, content: str | bytes) -> None:
     """Temporary file in the same folder, fsync, rename: a crash leaves the old or the new file."""
     folder = os.path.dirname(os.path.abspath(path))
+    data = content.encode("utf-8") if isinstance(content, str) else content
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         with contextlib.suppress(OSError):
@@ -419,15 +420,11 @@ def jsonc_update(text: str | None, updates: dict, indent: str = "  ") -> str:
     edits = []
     additions = []
     for key, value in updates.items():
-        rendered = json.dumps(value, ensure_ascii=False)
+        nested = isinstance(value, (dict, list))
+        rendered = json.dumps(value, ensure_ascii=False, indent=2 if nested else None).replace("\n", "\n" + indent)
         if key in spans:
-            start, end = spans[key]
-            if isinstance(value, (dict, list)):
-                rendered = json.dumps(value, ensure_ascii=False, indent=2).replace("\n", "\n" + indent)
-            edits.append((start, end, rendered))
+            edits.append((*spans[key], rendered))
         else:
-            if isinstance(value, (dict, list)):
-                rendered = json.dumps(value, ensure_ascii=False, indent=2).replace("\n", "\n" + indent)
             additions.append(f"{indent}{json.dumps(key, ensure_ascii=False)}: {rendered}")
     if additions:
         # Insert just after the last member (and its trailing comma, if any): comments that follow
@@ -437,8 +434,7 @@ def jsonc_update(text: str | None, updates: dict, indent: str = "  ") -> str:
         has_comma = j < close and text[j] == ","
         if has_comma:
             at = j + 1
-        block = ("," if spans and not has_comma else "") + "".join("\n" + a + "," for a in additions)
-        block = block[:-1] if not has_comma else block[:-1]
+        block = ("," if spans and not has_comma else "") + ",".join("\n" + a for a in additions)
         edits.append((at, at, block))
     for start, end, rendered in sorted(edits, reverse=True):
         text = text[:start] + rendered + text[end:]
@@ -2667,26 +2663,10 @@ def run_update(files: UserFiles, out=print, target_dir: str = HERE) -> int:
             with open(src, "rb") as f_in, open(os.path.join(backup, name), "wb") as f_out:
                 f_out.write(f_in.read())
     for name, data in downloads.items():
-        atomic_write_bytes(os.path.join(target_dir, name), data)
+        atomic_write(os.path.join(target_dir, name), data)
     out(f"updated {VERSION} -> {manifest['version']}: replaced {', '.join(sorted(downloads))}; "
         f"backup in {backup}. Restart the bridge (and re-paste userscript.js if it changed).")
     return 0
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, os.stat(path).st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # 14. Command line ===================================================================================
