@@ -1831,7 +1831,6 @@ class Routes:
             return await conn.send_error(err, req, close=has_body or err.close,
                                          head_only=req.method == "HEAD")
 
-
     def host_allowed(self, host_header: str) -> bool:
         name = _host_name(host_header)
         cfg = self.files.config
@@ -1847,10 +1846,8 @@ class Routes:
                 return True
         return False
 
-
     def cors_allowed(self, origin: str) -> bool:
         return origin_matches(origin, self.files.config["cors_allowed_origins"])
-
 
     def check_key(self, req: HttpRequest, cfg: dict) -> None:
         key = cfg["api_key"]
@@ -1863,7 +1860,6 @@ class Routes:
         if not hmac.compare_digest(given.strip().encode("utf-8", "replace"), str(key).encode("utf-8")):
             raise ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <api_key from "
                            "config.jsonc>.", "invalid_api_key")
-
 
     def log_request(self, req: HttpRequest, status: int, started: float, job: Job | None = None,
                      model: str | None = None) -> None:

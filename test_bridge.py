@@ -1919,3 +1919,41 @@ class InteractiveCapture(BridgeCase):
         self.assertEqual(p.returncode, 0, err)
         cmd = tab.wait_command("activate_id_capture")
         self.assertEqual((cmd["mode"], cmd["battle_target"]), ("battle", "B"))
+
+
+def non_loopback_ip():
+    """An address of this machine that is not loopback, or None."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("10.255.255.255", 9))
+        ip = s.getsockname()[0]
+        if not ip.startswith("127."):
+            return ip
+    return None
+
+
+@unittest.skipIf(non_loopback_ip() is None, "this machine has no non-loopback address")
+class ExposedOnLan(unittest.TestCase):
+    def test_internal_endpoints_refuse_lan_clients(self):
+        """Bound to all interfaces: a LAN client may use /health (IP Host), never /internal."""
+        h = Harness({"api_key": "k"})
+        self.addCleanup(h.close)
+        ip = non_loopback_ip()
+
+        async def exposed():
+            b = bridge.Bridge(h.bridge.files, "0.0.0.0", 0)
+            await b.start()
+            return b
+        b = h.run(exposed())
+        self.addCleanup(lambda: h.run(b.stop(grace=0)))
+
+        def request(path, method="GET"):
+            with socket.create_connection((ip, b.port), timeout=5) as s:
+                s.sendall(f"{method} {path} HTTP/1.1\r\nHost: {ip}:{b.port}\r\nAuthorization: Bearer k\r\n"
+                          f"Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            return split_response(data)
+        self.assertEqual(request("/health")[0], 200)
+        status, _, body = request("/internal/id_capture", "POST")
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (403, "forbidden"))
