@@ -1470,6 +1470,12 @@ class Tab:
                 log.exception("task %s: failed to handle tab data", job.id[:8])
                 job.fail(ApiError(502, "The bridge could not read LMArena's answer.", "upstream_error"))
             return
+        try:
+            self.on_notice(msg)
+        except Exception:         # a malformed report must not take the tab link down
+            log.exception("%s: could not handle a %r message", self.name, msg.get("type"))
+
+    def on_notice(self, msg: dict) -> None:
         kind = msg.get("type")
         if kind == "hello":
             self.version, self.url = str(msg.get("version") or "?")[:40], str(msg.get("url") or "")[:300]
@@ -2521,7 +2527,8 @@ class Bridge(Routes):
             name, mid = m.get("publicName"), m.get("id")
             if not isinstance(name, str) or not isinstance(mid, str) or not name or not mid:
                 continue
-            out_caps = ((m.get("capabilities") or {}).get("outputCapabilities") or {})
+            caps = m.get("capabilities")
+            out_caps = caps.get("outputCapabilities") if isinstance(caps, dict) else None
             makes_images = isinstance(out_caps, dict) and out_caps.get("image") not in (None, False)
             value = f"{mid}:image" if makes_images else mid
             if name not in current:

@@ -286,6 +286,11 @@ class UserscriptInChromium(unittest.TestCase):
         t = threading.Thread(target=capture)
         t.start()
         self.wait_for(lambda: self.page.title().startswith("🎯 ✅ "), what="capture title")
+        # The script's own requests to the retry endpoint never count as the click.
+        self.assertEqual(self.ask("while armed").choices[0].message.content, "Hello wörld 😀!")
+        self.assertTrue(self.page.title().startswith("🎯 ✅ "))
+        self.assertNotIn("status", result)
+        self.assertEqual(self.page.evaluate("[fetch.name, fetch.length]"), ["fetch", 1])
         self.page.evaluate(f"fetch('/nextjs-api/stream/retry-evaluation-session-message/{NEW_SID}/messages/{NEW_MID}',"
                            " {method: 'PUT', body: '{}'}).then(r => r.text())")
         t.join(20)
