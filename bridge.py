@@ -121,6 +121,7 @@ DEFAULT_CONFIG = {
     "host": "127.0.0.1",
     "port": 5102,
     "allowed_tab_origins": [],
+    "allow_remote_tabs": False,
     "cors_allowed_origins": ["http://localhost", "http://127.0.0.1", "http://[::1]"],
     "allowed_hosts": [],
     "max_head_bytes": 65536,
@@ -2416,6 +2417,10 @@ class Bridge(Routes):
             response = handshake.reject(403, f"Origin {origin or '(none)'} may not connect as a tab: only "
                                         "LMArena pages (and allowed_tab_origins) may.\n")
             log.warning("refused a tab socket from origin %r", origin)
+        elif not cfg["allow_remote_tabs"] and not is_loopback(conn.peer):
+            # A tab sees every prompt; Origin is only a header, so a remote process could forge it.
+            response = handshake.reject(403, "Tabs must run on this machine (allow_remote_tabs).\n")
+            log.warning("refused a tab socket from %s (not this machine)", conn.peer)
         else:
             response = handshake.accept(ws_req)
         conn.responded = True

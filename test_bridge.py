@@ -1934,7 +1934,8 @@ def non_loopback_ip():
 @unittest.skipIf(non_loopback_ip() is None, "this machine has no non-loopback address")
 class ExposedOnLan(unittest.TestCase):
     def test_internal_endpoints_refuse_lan_clients(self):
-        """Bound to all interfaces: a LAN client may use /health (IP Host), never /internal."""
+        """Bound to all interfaces: a LAN client may use /health (IP Host), never /internal, and
+        may not connect as a tab."""
         h = Harness({"api_key": "k"})
         self.addCleanup(h.close)
         ip = non_loopback_ip()
@@ -1957,3 +1958,9 @@ class ExposedOnLan(unittest.TestCase):
         self.assertEqual(request("/health")[0], 200)
         status, _, body = request("/internal/id_capture", "POST")
         self.assertEqual((status, json.loads(body)["error"]["code"]), (403, "forbidden"))
+
+        async def remote_tab():
+            return await websockets.connect(f"ws://{ip}:{b.port}/ws", origin="https://lmarena.ai")
+        with self.assertRaises(websockets.InvalidStatus) as cm:
+            h.run(remote_tab())
+        self.assertEqual(cm.exception.response.status_code, 403)
