@@ -1264,16 +1264,7 @@ class Job:
                 except ValueError:
                     end = -1
                 if end == len(literal) and text and text != "hasArenaError":
-                    self.completion_chars += len(text)
-                    if self.stream:
-                        self.out.append(self.fmt.content(literal))
-                        self.bridge.dirty.add(self)
-                    else:
-                        self.content.append(text)
-                        if self.completion_chars > MAX_ANSWER_CHARS:
-                            self.fail(ApiError(502, "The answer is larger than the bridge keeps in memory "
-                                               f"({MAX_ANSWER_CHARS} characters); use stream=true.",
-                                               "upstream_error"))
+                    self._emit(text, literal)
                     return
             if data == "[DONE]":
                 self._events(self.parser.close())
@@ -1293,25 +1284,19 @@ class Job:
         for ev in events:
             kind = ev[0]
             if kind == "text":
-                self.completion_chars += len(ev[2])
-                if self.stream:
-                    self.out.append(self.fmt.content(ev[1]))
-                else:
-                    self.content.append(ev[2])
-                    if self.completion_chars > MAX_ANSWER_CHARS:
-                        self.fail(ApiError(502, "The answer is larger than the bridge keeps in memory "
-                                           f"({MAX_ANSWER_CHARS} characters); use stream=true.",
-                                           "upstream_error"))
-                        return
+                if not self._emit(ev[2], ev[1]):
+                    return
             elif kind == "reasoning":
                 if self.stream:
                     self.out.append(self.fmt.reasoning(json.dumps(ev[1], ensure_ascii=False)))
+                    self.bridge.dirty.add(self)
                 else:
                     self.reasoning.append(ev[1])
             elif kind == "image":
                 md = ("\n\n" if self.images or self.completion_chars else "") + image_markdown(ev[1])
                 self.images.append(ev[1])
-                self._text(md)
+                if not self._emit(md):
+                    return
             elif kind == "finish":
                 self.finish_reason, self.usage = ev[1], ev[2]
                 self.complete()
@@ -1320,15 +1305,21 @@ class Job:
                 self.bridge.note_upstream_error(self.tab, ev[1])
                 self.fail(ev[1])
                 return
-        if self.out:
-            self.bridge.dirty.add(self)
 
-    def _text(self, text: str) -> None:
+    def _emit(self, text: str, literal: str | None = None) -> bool:
+        """Add answer text (`literal`: its JSON string literal, when LMArena sent one); False when
+        that ended the job (a non-streaming answer is held in memory, up to MAX_ANSWER_CHARS)."""
         self.completion_chars += len(text)
         if self.stream:
-            self.out.append(self.fmt.content(json.dumps(text, ensure_ascii=False)))
-        else:
-            self.content.append(text)
+            self.out.append(self.fmt.content(literal or json.dumps(text, ensure_ascii=False)))
+            self.bridge.dirty.add(self)
+            return True
+        self.content.append(text)
+        if self.completion_chars > MAX_ANSWER_CHARS:
+            self.fail(ApiError(502, f"The answer is larger than the bridge keeps in memory ({MAX_ANSWER_CHARS} "
+                               "characters); use stream=true.", "upstream_error"))
+            return False
+        return True
 
     def flush(self) -> None:
         """Write pending stream output to the client (called once per batch of tab messages)."""
@@ -1353,7 +1344,7 @@ class Job:
         if self.done:
             return
         if self.parser.citations:
-            self._text(citations_markdown(self.parser.citations))
+            self._emit(citations_markdown(self.parser.citations))
         self._end()
 
     def fail(self, err: ApiError, tell_tab: bool = True) -> None:

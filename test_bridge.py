@@ -992,6 +992,15 @@ class TranslationEndToEnd(BridgeCase):
                 if status == 429:
                     self.assertEqual(err.response.headers["retry-after"], "30")
 
+    def test_runaway_answer_is_capped(self):
+        """A non-streaming answer larger than MAX_ANSWER_CHARS ends with 502 and the tab is told."""
+        self.addCleanup(setattr, bridge, "MAX_ANSWER_CHARS", bridge.MAX_ANSWER_CHARS)
+        bridge.MAX_ANSWER_CHARS = 1000
+        tab = self.h.tab(lines(*["x" * 100] * 20) + ["[DONE]"])
+        err = self.assert_api_error(502, "upstream_error")
+        self.assertIn("stream=true", err.message)
+        tab.wait_command("abort")
+
     def test_stream_timeout_is_504(self):
         """No data for stream_response_timeout_seconds: 504 upstream_timeout, and the tab is told."""
         tab = self.h.tab([("hang",)])
