@@ -177,6 +177,10 @@ class Harness:
     def client(self, key="unused", **kw):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=20, **kw)
 
+    def ask(self, content="hi", model="test-model", **kw):
+        """One chat completion through the openai SDK."""
+        return self.client().chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **kw)
+
     def close(self):
         for t in self.tabs:
             with contextlib.suppress(Exception):
@@ -306,7 +310,7 @@ class ChatEndToEnd(BridgeCase):
     def test_non_stream_is_default(self):
         """Without `stream` the answer is one chat.completion with usage estimates."""
         self.h.tab(lines("Hello ", "there!") + ["[DONE]"])
-        r = self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        r = self.h.ask()
         self.assertEqual(r.choices[0].message.content, "Hello there!")
         self.assertEqual(r.choices[0].message.role, "assistant")
         self.assertEqual(r.choices[0].finish_reason, "stop")
@@ -327,7 +331,7 @@ class ChatEndToEnd(BridgeCase):
     def test_no_tab_is_503_with_instructions(self):
         """No tab connected: 503 no_tab_connected with Retry-After and how to connect one."""
         with self.assertRaises(openai.APIStatusError) as cm:
-            self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+            self.h.ask()
         self.assertEqual(cm.exception.status_code, 503)
         self.assertEqual(cm.exception.code, "no_tab_connected")
         self.assertIn("userscript", cm.exception.message)
@@ -336,7 +340,7 @@ class ChatEndToEnd(BridgeCase):
     def test_task_payload_has_original_fields_and_request(self):
         """The task carries the original payload fields plus the complete LMArena request."""
         tab = self.h.tab()
-        self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        self.h.ask()
         p = tab.tasks[0]["payload"]
         for key in ("message_templates", "target_model_id", "session_id", "message_id", "is_image_request"):
             self.assertIn(key, p)
@@ -366,7 +370,7 @@ class ChatEndToEnd(BridgeCase):
         """Non-streaming, the same situation is a 502 tab_disconnected."""
         self.h.tab(lines("partial ", finish=None) + [("close",)])
         with self.assertRaises(openai.APIStatusError) as cm:
-            self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+            self.h.ask()
         self.assertEqual(cm.exception.status_code, 502)
         self.assertEqual(cm.exception.code, "tab_disconnected")
 
@@ -375,7 +379,7 @@ class ChatEndToEnd(BridgeCase):
         dying = self.h.tab([("close",)])
         healthy = self.h.tab(lines("from the second tab") + ["[DONE]"])
         # Both are idle: the tie goes to the first connected, the dying one.
-        r = self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        r = self.h.ask()
         self.assertEqual(r.choices[0].message.content, "from the second tab")
         self.assertEqual(len(dying.tasks), 1)
         self.assertEqual(len(healthy.tasks), 1)
@@ -423,7 +427,7 @@ class ChatEndToEnd(BridgeCase):
         b64 = base64.b64encode(os.urandom(4 * 2**20)).decode()
         part = json.dumps([{"type": "image", "data": b64, "mimeType": "image/png"}])
         self.h.tab([f"a2:{part}\n", 'ad:{"finishReason":"stop"}\n', "[DONE]"])
-        r = self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        r = self.h.ask()
         self.assertEqual(r.choices[0].message.content, f"![Image](data:image/png;base64,{b64})")
 
 
@@ -514,7 +518,7 @@ class TabSocket(BridgeCase):
         for junk in ("not json", "[1,2]", json.dumps({"request_id": "nope", "data": "a0:\"x\"\n"}),
                      json.dumps({"type": "mystery"}), json.dumps({"request_id": 5, "data": None})):
             self.h.run(tab.ws.send(junk))
-        r = self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        r = self.h.ask()
         self.assertEqual(r.choices[0].message.content, "Hello world!")
 
     def test_server_pings(self):
@@ -1111,7 +1115,7 @@ class SessionConfig(BridgeCase):
         """Placeholder ids give 400 session_not_configured telling how to capture."""
         self.h.tab()
         with self.assertRaises(openai.BadRequestError) as cm:
-            self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+            self.h.ask()
         self.assertEqual(cm.exception.code, "session_not_configured")
         self.assertIn("capture", cm.exception.message)
 
@@ -1129,7 +1133,7 @@ class NoDefaults(BridgeCase):
     def test_no_mapping_is_400(self):
         """Without a mapping and with defaults disabled: 400 that explains how to add one."""
         with self.assertRaises(openai.BadRequestError) as cm:
-            self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+            self.h.ask()
         self.assertEqual(cm.exception.code, "session_not_configured")
         self.assertIn("capture --model", cm.exception.message)
 
@@ -1685,7 +1689,7 @@ class SlowClients(BridgeCase):
             slow.append(s)
         self.addCleanup(lambda: [s.close() for s in slow])
         t0 = time.time()
-        r = self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+        r = self.h.ask()
         self.assertEqual(r.choices[0].message.content, "Hello world!")
         self.assertLess(time.time() - t0, 2)
         # And the slow ones are cut at their head deadline, not kept forever.
@@ -1728,7 +1732,7 @@ class AllTabsGone(BridgeCase):
 
         def one():
             try:
-                self.h.client().chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}])
+                self.h.ask()
             except openai.APIStatusError as e:
                 results.append(e.status_code)
         threads = [threading.Thread(target=one) for _ in range(5)]

@@ -220,12 +220,7 @@ class UserscriptInChromium(unittest.TestCase):
                                               messages=[{"role": "user", "content": prompt}])
 
     def wait_for(self, predicate, timeout=10, what="condition"):
-        end = time.time() + timeout
-        while time.time() < end:
-            if predicate():
-                return
-            time.sleep(0.05)
-        self.fail(f"timed out waiting for {what}; console: {self.console[-10:]}")
+        self.h.wait(predicate, timeout, what=f"{what}; console: {self.console[-10:]}")
 
     def test_1_hello_title_and_models(self):
         """The script says hello with its @version, shows ✅ once, and reports the page's models."""
