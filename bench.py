@@ -10,7 +10,8 @@ answer is a failure, not a fast run. CPU and memory are the server process's own
 
 Scenarios
   start        time from process start to accepting connections (ms)
-  idle         resident memory with one tab connected and no load (MiB)
+  idle         resident memory with one tab connected and no load (MiB), and per idle
+               keep-alive connection (KiB, 500 of them)
   latency      one request at a time: time to the first answer token, p50 (ms)
   stream10     10 concurrent streaming requests of 50 tokens: requests/s, time to the first
                token p50/p99 (ms; "ttfb"; at saturation the fake tab process is the queue),
@@ -138,6 +139,22 @@ async def load(port: int, requests: int, concurrency: int, tokens: int):
             "total_p50_ms": pct(totals, .5) * 1000}
 
 
+async def idle_connections(server, n: int) -> float:
+    """Memory per idle keep-alive connection (each has answered one request), in KiB."""
+    before = mem_mib(server.proc.pid, "VmRSS")
+    conns = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer x\r\n\r\n")
+        await reader.readuntil(b"\r\n\r\n")
+        conns.append(writer)
+    await asyncio.sleep(0.3)
+    after = mem_mib(server.proc.pid, "VmRSS")
+    for w in conns:
+        w.close()
+    return (after - before) * 1024 / n
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -201,6 +218,7 @@ def bench_server(name: str, command: str, args) -> dict:
         asyncio.run(load(s.port, 20, 2, 50))                       # warm up
         time.sleep(0.3)
         out["idle_mib"] = mem_mib(s.proc.pid, "VmRSS")
+        out["kib_per_idle_conn"] = asyncio.run(idle_connections(s, 500))
         r = asyncio.run(load(s.port, 300, 1, 50))                  # unloaded latency, one at a time
         out["ttfb_c1_p50_ms"] = r["ttfb_p50_ms"]
         cpu0 = cpu_seconds(s.proc.pid)
@@ -255,7 +273,7 @@ def main() -> None:
                 r = bench_server(name, command, args)
                 results[name].append(r)
                 print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
-    keys = ["start_ms", "idle_mib", "ttfb_c1_p50_ms", "rps", "ttfb_p50_ms", "ttfb_p99_ms", "cpu_ms_per_req", "cpu_us_per_token",
+    keys = ["start_ms", "idle_mib", "kib_per_idle_conn", "ttfb_c1_p50_ms", "rps", "ttfb_p50_ms", "ttfb_p99_ms", "cpu_ms_per_req", "cpu_us_per_token",
             "long_5000_ms", "long_20000_ms", "peak_mib_100_streams"]
     med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in results.items()}
     print(f"\nmedians over {args.rounds} rounds ({os.cpu_count()} CPUs, Python {sys.version.split()[0]})")

@@ -1390,11 +1390,14 @@ def _int_or_none(v):
 
 # 9. The tab link (WebSocket via websockets' Sans-I/O ServerProtocol) ================================
 
-class Tab:
-    """One connected userscript tab: a worker that runs tasks concurrently."""
+class Tab(asyncio.Protocol):
+    """One connected userscript tab: a worker that runs tasks concurrently. After the handshake it
+    becomes the socket's protocol, so every read goes straight to the frame parser (no stream
+    reader and no task switch per read: this is the per-token path)."""
 
-    def __init__(self, bridge: "Bridge", proto: ServerProtocol, writer, origin: str, peer):
-        self.bridge, self.proto, self.writer = bridge, proto, writer
+    def __init__(self, bridge: "Bridge", proto: ServerProtocol, transport, origin: str, peer):
+        self.bridge, self.proto, self.transport = bridge, proto, transport
+        self.closed = asyncio.get_running_loop().create_future()
         self.name = f"tab{next(bridge.tab_counter)}"
         self.origin, self.peer = origin, peer
         self.jobs: dict[str, Job] = {}
@@ -1417,12 +1420,35 @@ class Tab:
         self._write_out()
 
     def _write_out(self) -> None:
+        transport = self.transport
         for data in self.proto.data_to_send():
+            if transport.is_closing():
+                return
             if data:
-                self.writer.write(data)
-            elif self.writer.can_write_eof() and not self.writer.is_closing():
+                transport.write(data)
+            elif transport.can_write_eof():
                 with contextlib.suppress(OSError, RuntimeError):
-                    self.writer.write_eof()
+                    transport.write_eof()
+
+    # asyncio.Protocol callbacks
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.receive(data)
+        except Exception:
+            log.exception("%s: failed to handle tab data; dropping the tab", self.name)
+            self.transport.abort()
+            return
+        if self.proto.state is WsState.CLOSED:
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        self.proto.receive_eof()
+        self._write_out()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def receive(self, data: bytes) -> None:
         self.last_seen = time.monotonic()
@@ -2391,7 +2417,7 @@ class Bridge(Routes):
             for tab in list(self.tabs):
                 if now - tab.last_seen > WS_PING_INTERVAL + WS_PING_TIMEOUT:
                     log.warning("%s stopped answering pings; dropping it", tab.name)
-                    tab.writer.transport.abort()
+                    tab.transport.abort()
                 elif tab.proto.state is WsState.OPEN:
                     n += 1
                     tab.proto.send_ping(str(n).encode())
@@ -2420,20 +2446,16 @@ class Bridge(Routes):
             await conn.writer.drain()
             return
         proto = ServerProtocol(max_size=WS_MAX_MESSAGE, state=WsState.OPEN)
-        tab = Tab(self, proto, conn.writer, origin, conn.peer)
+        tab = Tab(self, proto, conn.transport, origin, conn.peer)
+        # No await since the head was read, so nothing sits in the stream reader: hand the socket
+        # to the tab (a client must wait for the 101 before sending frames anyway).
+        leftover, conn.buf = bytes(conn.buf), bytearray()
+        conn.transport.set_protocol(tab)
         self.add_tab(tab)
         try:
-            if conn.buf:
-                data, conn.buf = bytes(conn.buf), bytearray()
-                tab.receive(data)
-            while proto.state is not WsState.CLOSED:
-                data = await conn.reader.read(READ_SIZE)
-                if not data:
-                    proto.receive_eof()
-                    break
-                tab.receive(data)
-        except (ConnectionError, OSError):
-            pass
+            if leftover:
+                tab.data_received(leftover)
+            await tab.closed
         finally:
             self.remove_tab(tab)
 
