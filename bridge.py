@@ -89,6 +89,7 @@ WS_MAX_MESSAGE = 64 * 2**20       # tab messages carry base64 images: several Mi
 WS_PING_INTERVAL = 20.0           # server pings; browsers answer even in throttled background tabs
 WS_PING_TIMEOUT = 20.0            # no traffic at all for interval + timeout: the tab is dead
 MAX_PENDING_OUTPUT = 8 * 2**20    # bytes queued for a client that does not read; past it we give up
+FLUSH_INTERVAL = 0.002            # a burst of tokens within 2 ms of the last write goes out as one chunk
 MAX_ANSWER_CHARS = 64 * 2**20     # a non-streaming answer is held in memory: a runaway tab stops here
 READ_SIZE = 262144                # one read; all tab messages of a read are flushed to clients together
 
@@ -1219,7 +1220,7 @@ class Job:
     __slots__ = ("bridge", "id", "message", "parser", "fmt", "stream", "tab", "retried", "received",
                  "out", "live", "http10", "content", "reasoning", "images", "completion_chars",
                  "finish_reason", "usage", "error", "done", "client_gone", "wake", "last_activity",
-                 "last_output", "started", "model", "kind", "dispatcher", "tab_name")
+                 "last_output", "started", "model", "kind", "dispatcher", "tab_name", "flush_timer")
 
     def __init__(self, bridge: "Bridge", payload: dict, side: str, model: str, stream: bool,
                  fmt: ChunkFormatter | None, kind: str = "chat"):
@@ -1244,6 +1245,7 @@ class Job:
         self.wake = asyncio.Event()
         self.started = self.last_activity = self.last_output = time.monotonic()
         self.dispatcher: asyncio.Task | None = None
+        self.flush_timer: asyncio.TimerHandle | None = None
 
     # -- from the tab --
     def on_tab_data(self, data) -> None:
@@ -1322,12 +1324,18 @@ class Job:
         return True
 
     def flush(self) -> None:
-        """Write pending stream output to the client (called once per batch of tab messages)."""
+        """Write pending stream output to the client (called once per batch of tab messages).
+        Tokens that arrive within FLUSH_INTERVAL of the last write wait for the rest of it, so a
+        burst becomes one chunk instead of thousands (real tokens come slower and go out at once)."""
         live = self.live
-        if live is None or not self.out:
+        if live is None or not self.out or self.flush_timer is not None:
             return
         if live.is_closing():
             self.on_client_gone()
+            return
+        wait = self.last_output + FLUSH_INTERVAL - time.monotonic()
+        if wait > 0:
+            self.flush_timer = asyncio.get_running_loop().call_later(wait, self._timed_flush)
             return
         data = "".join(self.out).encode()
         self.out.clear()
@@ -1338,6 +1346,10 @@ class Job:
             log.warning("task %s: client is not reading; dropping it", self.id[:8])
             self.on_client_gone()
             live.abort()
+
+    def _timed_flush(self) -> None:
+        self.flush_timer = None
+        self.flush()
 
     # -- endings --
     def complete(self) -> None:
@@ -1366,6 +1378,9 @@ class Job:
 
     def _end(self) -> None:
         self.done = True
+        if self.flush_timer is not None:      # the handler writes what is left with the ending
+            self.flush_timer.cancel()
+            self.flush_timer = None
         if self.tab is not None:
             self.tab.jobs.pop(self.id, None)
         if self.dispatcher is not None and not self.dispatcher.done():
@@ -2039,6 +2054,7 @@ class Routes:
             if now - job.last_output >= interval:
                 job.out.append(": keep-alive\n\n")
                 job.flush()
+                job.last_output = max(job.last_output, now)   # never spin, even if the write waits
                 continue
             job.wake.clear()
             with contextlib.suppress(TimeoutError):
