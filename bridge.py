@@ -1389,13 +1389,6 @@ class Job:
         self.wake.set()
 
 
-async def stop_task(task: asyncio.Task) -> None:
-    """Cancel a helper task and wait until it is really gone (a reader must be free again)."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-
-
 def _int_or_none(v):
     try:
         return int(v)
@@ -1574,36 +1567,101 @@ def is_loopback(peer) -> bool:
 
 # 10. HTTP connection driver (asyncio) ===============================================================
 
-class Connection:
+class Connection(asyncio.Protocol):
     """One client connection: reads requests under deadlines, answers them in order (pipelining),
-    keeps alive, upgrades /ws to a tab link. Never sends an error once a response has started."""
+    keeps alive, upgrades /ws to a tab link. Never sends an error once a response has started.
 
-    def __init__(self, bridge: "Bridge", reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    It is the socket's asyncio protocol: bytes land in `buf` as they arrive (pipelined requests
+    included), and a client that leaves is noticed at once, also while a job runs (the job is told,
+    and the tab aborts), without a reader task per request."""
+
+    def __init__(self, bridge: "Bridge"):
         # Per-connection state
-        self.bridge, self.reader, self.writer = bridge, reader, writer
-        self.transport = writer.transport
-        self.peer = writer.get_extra_info("peername")
+        self.bridge = bridge
+        self.transport: asyncio.Transport | None = None
+        self.peer = None
         self.buf = bytearray()
-        self.eof = False
+        self.eof = False              # the client sent EOF or the connection is gone
+        self.waiter: asyncio.Future | None = None        # run() waits for bytes
+        self.drain_waiter: asyncio.Future | None = None  # run() waits for the client to read
+        self.write_paused = False
+        self.read_paused = False
         self.linger = False           # an error answer was sent with Connection: close
         self.busy = False             # a request is being answered (idle ones close at shutdown)
+        self.task: asyncio.Task | None = None
         # Per-request state
         self.responded = False
+        self.on_gone = None           # called when the client leaves while a job runs
+
+    # asyncio.Protocol callbacks
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        bridge = self.bridge
+        if bridge.stopping or len(bridge.connections) >= bridge.files.config["max_connections"]:
+            err = ApiError(503, "Too many open connections.", "too_many_connections", retry_after=1)
+            transport.write(response_head(503, [("Content-Type", "application/json"), ("Retry-After", "1"),
+                                                ("Content-Length", str(len(json.dumps(err.body())))),
+                                                ("Connection", "close")]) + json.dumps(err.body()).encode())
+            transport.close()
+            return
+        bridge.connections.add(self)
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.waiter is not None:
+            if not self.waiter.done():
+                self.waiter.set_result(None)
+        elif len(self.buf) > self.bridge.files.config["max_head_bytes"] and not self.read_paused:
+            # Nobody is reading (a job runs): keep pipelined bytes, but not without bound.
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._gone()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._gone()
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_exception(ConnectionResetError("client went away"))
+        self.bridge.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+
+    def _gone(self) -> None:
+        self.eof = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+        if self.on_gone is not None:
+            on_gone, self.on_gone = self.on_gone, None
+            on_gone()
 
     async def _fill(self, deadline: float | None) -> bool:
-        """Read more bytes into the buffer before the deadline; False at EOF."""
+        """Wait for more bytes in the buffer before the deadline; False at EOF."""
         if self.eof:
             return False
         timeout = None if deadline is None else deadline - time.monotonic()
         if timeout is not None and timeout <= 0:
             raise TimeoutError
-        async with asyncio.timeout(timeout):
-            data = await self.reader.read(READ_SIZE)
-        if not data:
-            self.eof = True
-            return False
-        self.buf += data
-        return True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        size = len(self.buf)
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.waiter
+        finally:
+            self.waiter = None
+        return len(self.buf) > size
 
     async def run(self) -> None:
         cfg = self.bridge.files.config
@@ -1624,8 +1682,9 @@ class Connection:
                 cfg = self.bridge.files.config
         except HttpError as exc:
             if not self.responded:
-                await self.send_error(ApiError(exc.status, exc.message, "invalid_request_error"
-                                               if exc.status == 400 else None), close=True)
+                with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                    await self.send_error(ApiError(exc.status, exc.message, "invalid_request_error"
+                                                   if exc.status == 400 else None), close=True)
         except TimeoutError:
             if not self.responded:
                 with contextlib.suppress(Exception):
@@ -1650,12 +1709,13 @@ class Connection:
         if self.linger and not self.eof and not transport.is_closing() and transport.can_write_eof():
             with contextlib.suppress(OSError, RuntimeError, TimeoutError, ConnectionError):
                 transport.write_eof()
-                async with asyncio.timeout(2):
-                    for _ in range(256):
-                        if not await self.reader.read(READ_SIZE):
-                            break
+                deadline = time.monotonic() + 2
+                for _ in range(256):
+                    self.buf.clear()
+                    if not await self._fill(deadline):
+                        break
         pending = transport.get_write_buffer_size()
-        self.writer.close()
+        transport.close()
         if pending:          # a client that never reads cannot keep the socket open for long
             asyncio.get_running_loop().call_later(5, transport.abort)
 
@@ -1699,7 +1759,7 @@ class Connection:
         if not req.chunked and not req.content_length:
             return b""
         if req.expect_continue and not self.buf:
-            self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         deadline = time.monotonic() + cfg["body_timeout_seconds"]
         try:
             if req.chunked:
@@ -1729,11 +1789,17 @@ class Connection:
 
     # -- writing --
     async def write(self, data: bytes) -> None:
-        self.writer.write(data)
-        if self.transport.get_write_buffer_size() > 65536 or self.transport.is_closing():
+        if self.transport.is_closing():
+            raise ConnectionResetError("client went away")
+        self.transport.write(data)
+        if self.write_paused:
             # Only a client that is slow to read makes us wait, and only for so long.
-            async with asyncio.timeout(self.bridge.files.config["body_timeout_seconds"]):
-                await self.writer.drain()
+            self.drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(self.bridge.files.config["body_timeout_seconds"]):
+                    await self.drain_waiter
+            finally:
+                self.drain_waiter = None
 
     def base_headers(self, req: HttpRequest | None) -> list:
         headers = [("Server", f"lmarena-bridge/{VERSION}")]
@@ -1770,24 +1836,11 @@ class Connection:
         return await self.send_json(err.status, err.body(), req=req, extra=extra,
                                     close=close or err.close, head_only=head_only)
 
-    def watch_for_disconnect(self, job: Job) -> asyncio.Task:
-        """While a job runs nobody reads the socket: read ahead (pipelined bytes are kept) to notice
-        the client leaving, and tell the job at once."""
-        async def watch():
-            limit = self.bridge.files.config["max_head_bytes"]
-            try:
-                while len(self.buf) <= limit and not self.eof:
-                    data = await self.reader.read(READ_SIZE)
-                    if not data:
-                        self.eof = True
-                        break
-                    self.buf += data
-                if self.eof:
-                    job.on_client_gone()
-            except (ConnectionError, OSError):
-                self.eof = True
-                job.on_client_gone()
-        return asyncio.get_running_loop().create_task(watch())
+    def watch(self, on_gone) -> None:
+        """Call `on_gone()` at once if the client leaves while a job runs (None: stop watching)."""
+        self.on_gone = on_gone
+        if on_gone is not None and self.eof:
+            on_gone()
 
 
 # 11. Routes =========================================================================================
@@ -1970,7 +2023,7 @@ class Routes:
         include_usage = bool(isinstance(data.get("stream_options"), dict)
                              and data["stream_options"].get("include_usage"))
         self.start_job(job)
-        watcher = conn.watch_for_disconnect(job)
+        conn.watch(job.on_client_gone)
         try:
             if stream:
                 return await self.run_stream(conn, req, job, prompt_chars, include_usage, started)
@@ -1990,7 +2043,7 @@ class Routes:
             self.log_request(req, err.status, started, job)
             return await conn.send_error(err, req)
         finally:
-            await stop_task(watcher)
+            conn.watch(None)
             if not job.done:
                 job.on_client_gone()
 
@@ -2037,7 +2090,7 @@ class Routes:
         data = first.encode()
         opening = response_head(200, headers) + (data if http10 else chunk_frame(data))
         if not job.done:     # a quick answer goes out in one write with its end, below
-            conn.writer.write(opening)
+            conn.transport.write(opening)
             opening = b""
         job.http10 = http10
         job.live = conn.transport
@@ -2115,17 +2168,15 @@ class Routes:
             jobs.append(job)
         for job in jobs:
             self.start_job(job)
-        watcher = conn.watch_for_disconnect(jobs[0])
+        conn.watch(lambda: [j.on_client_gone() for j in jobs])
         try:
             await asyncio.gather(*(self.wait_job(j) for j in jobs))
         finally:
-            await stop_task(watcher)
+            conn.watch(None)
             for j in jobs:
                 if not j.done:
                     j.on_client_gone()
-        if jobs[0].client_gone:
-            for j in jobs:
-                j.on_client_gone()
+        if any(j.client_gone for j in jobs):
             return False
         urls = [u for j in jobs if not j.error for u in j.images]
         errors = [j.error for j in jobs if j.error]
@@ -2271,8 +2322,8 @@ class Bridge(Routes):
     # -- lifecycle --
     async def start(self) -> None:
         cfg = self.files.config
-        self.server = await asyncio.start_server(self.on_connect, self.host, self.port,
-                                                 limit=READ_SIZE, backlog=1024)
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: Connection(self), self.host, self.port, backlog=1024)
         sock = self.server.sockets[0].getsockname()
         self.port = sock[1]
         self.spawn(self.ping_loop())
@@ -2313,23 +2364,6 @@ class Bridge(Routes):
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.transport.abort()
-
-    async def on_connect(self, reader, writer) -> None:
-        if self.stopping:
-            writer.transport.abort()
-            return
-        conn = Connection(self, reader, writer)
-        if len(self.connections) >= self.files.config["max_connections"]:
-            with contextlib.suppress(Exception):
-                await conn.send_error(ApiError(503, "Too many open connections.", "too_many_connections",
-                                               retry_after=1), close=True)
-            writer.transport.abort()
-            return
-        self.connections.add(conn)
-        try:
-            await conn.run()
-        finally:
-            self.connections.discard(conn)
 
     # -- tabs --
     def pick_tab(self, exclude: Tab | None = None) -> Tab | None:
@@ -2457,10 +2491,10 @@ class Bridge(Routes):
         else:
             response = handshake.accept(ws_req)
         conn.responded = True
-        conn.writer.write(response.serialize())
         if response.status_code != 101:
-            await conn.writer.drain()
+            await conn.write(response.serialize())
             return
+        conn.transport.write(response.serialize())
         proto = ServerProtocol(max_size=WS_MAX_MESSAGE, state=WsState.OPEN)
         tab = Tab(self, proto, conn.transport, origin, conn.peer)
         # No await since the head was read, so nothing sits in the stream reader: hand the socket
@@ -2473,6 +2507,7 @@ class Bridge(Routes):
                 tab.data_received(leftover)
             await tab.closed
         finally:
+            self.connections.discard(conn)      # the socket was the tab's since the handshake
             self.remove_tab(tab)
 
     # -- capture and models --
