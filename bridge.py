@@ -1220,15 +1220,15 @@ class Job:
     __slots__ = ("bridge", "id", "message", "parser", "fmt", "stream", "tab", "retried", "received",
                  "out", "live", "http10", "content", "reasoning", "images", "completion_chars",
                  "finish_reason", "usage", "error", "done", "client_gone", "wake", "last_activity",
-                 "last_output", "started", "model", "kind", "dispatcher", "tab_name", "flush_timer")
+                 "last_output", "model", "dispatcher", "tab_name", "flush_timer")
 
     def __init__(self, bridge: "Bridge", payload: dict, side: str, model: str, stream: bool,
-                 fmt: ChunkFormatter | None, kind: str = "chat"):
+                 fmt: ChunkFormatter | None):
         self.bridge = bridge
         self.id = str(uuid.uuid4())
         self.message = json.dumps({"request_id": self.id, "payload": payload}, ensure_ascii=False)
         self.parser = ArenaStreamParser(side)
-        self.fmt, self.stream, self.model, self.kind = fmt, stream, model, kind
+        self.fmt, self.stream, self.model = fmt, stream, model
         self.tab: Tab | None = None
         self.tab_name = "-"
         self.retried = self.received = self.done = self.client_gone = False
@@ -1243,7 +1243,7 @@ class Job:
         self.usage = None
         self.error: ApiError | None = None
         self.wake = asyncio.Event()
-        self.started = self.last_activity = self.last_output = time.monotonic()
+        self.last_activity = self.last_output = time.monotonic()
         self.dispatcher: asyncio.Task | None = None
         self.flush_timer: asyncio.TimerHandle | None = None
 
@@ -1346,6 +1346,16 @@ class Job:
             log.warning("task %s: client is not reading; dropping it", self.id[:8])
             self.on_client_gone()
             live.abort()
+
+    def idle_left(self, timeout: float, now: float) -> float:
+        """Seconds left before stream_response_timeout_seconds; at 0 the job fails with 504."""
+        if self.tab is None:          # still waiting for a tab: the dispatcher owns that deadline
+            self.last_activity = now
+        left = self.last_activity + timeout - now
+        if left <= 0:
+            self.fail(ApiError(504, f"LMArena sent nothing for {timeout:g} s "
+                               "(stream_response_timeout_seconds).", "upstream_timeout"))
+        return left
 
     def _timed_flush(self) -> None:
         self.flush_timer = None
@@ -1855,8 +1865,12 @@ def _host_name(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
-def _method_error(allowed: dict) -> ApiError:
-    allow = ", ".join(sorted(set(allowed) | ({"HEAD"} if "GET" in allowed else set()) | {"OPTIONS"}))
+def _allowed_methods(route: dict) -> str:
+    return ", ".join(sorted(set(route) | ({"HEAD"} if "GET" in route else set()) | {"OPTIONS"}))
+
+
+def _method_error(route: dict) -> ApiError:
+    allow = _allowed_methods(route)
     err = ApiError(405, f"Method not allowed here; use {allow}.", "method_not_allowed")
     err.allow = allow
     return err
@@ -1889,7 +1903,7 @@ class Routes:
             if req.method == "OPTIONS":
                 if route is None and req.target != "*":
                     raise ApiError(404, f"No such endpoint: {req.path}", "not_found")
-                allowed = _method_error(route or {"GET": None}).allow
+                allowed = _allowed_methods(route or {"GET": None})
                 headers = conn.base_headers(req) + [("Allow", allowed)]
                 if origin is not None:
                     requested = req.header("access-control-request-headers") or ""
@@ -1972,7 +1986,7 @@ class Routes:
             raise ApiError(400, "The request body must be a JSON object.", "invalid_json")
         return data
 
-    def build_chat_job(self, data: dict, stream: bool, kind: str = "chat") -> tuple[Job, int]:
+    def build_chat_job(self, data: dict, stream: bool) -> tuple[Job, int]:
         """Validate an OpenAI chat request and turn it into a Job (not dispatched yet)."""
         cfg, models = self.files.config, self.files.models
         model = data.get("model")
@@ -1999,7 +2013,7 @@ class Routes:
         side = ("b" if choice.target == "B" else "a") if choice.mode == "battle" else "a"
         created = int(time.time())
         fmt = ChunkFormatter(f"chatcmpl-{uuid.uuid4().hex}", model, created) if stream else None
-        job = Job(self, payload, side, model, stream, fmt, kind)
+        job = Job(self, payload, side, model, stream, fmt)
         prompt_chars = sum(len(t["content"]) for t in templates)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s prompt: %s", job.id[:8], json.dumps(templates, ensure_ascii=False)[:4000])
@@ -2051,19 +2065,12 @@ class Routes:
         """Wait until the job ends (or, with `until_first`, until the tab's first message or that
         deadline), enforcing stream_response_timeout_seconds."""
         while not job.done and not (until_first is not None and job.received):
-            timeout = self.files.config["stream_response_timeout_seconds"]
             now = time.monotonic()
-            if job.tab is None:          # still waiting for a tab: the dispatcher owns that deadline
-                job.last_activity = now
-            left = job.last_activity + timeout - now
-            if until_first is not None:
-                if now >= until_first:
-                    return
-                left = min(left, until_first - now)
-            if left <= 0:
-                job.fail(ApiError(504, f"LMArena sent nothing for {timeout:g} s "
-                                  "(stream_response_timeout_seconds).", "upstream_timeout"))
+            left = job.idle_left(self.files.config["stream_response_timeout_seconds"], now)
+            if left <= 0 or (until_first is not None and now >= until_first):
                 return
+            if until_first is not None:
+                left = min(left, until_first - now)
             job.wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
@@ -2096,13 +2103,9 @@ class Routes:
         job.live = conn.transport
         interval = cfg["keepalive_interval_seconds"]
         while not job.done:
-            timeout = self.files.config["stream_response_timeout_seconds"]
             now = time.monotonic()
-            if job.tab is None:
-                job.last_activity = now
-            if now - job.last_activity >= timeout:
-                job.fail(ApiError(504, f"LMArena sent nothing for {timeout:g} s "
-                                  "(stream_response_timeout_seconds).", "upstream_timeout"))
+            left = job.idle_left(self.files.config["stream_response_timeout_seconds"], now)
+            if left <= 0:
                 break
             if now - job.last_output >= interval:
                 job.out.append(": keep-alive\n\n")
@@ -2111,7 +2114,7 @@ class Routes:
                 continue
             job.wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(job.last_output + interval, job.last_activity + timeout) - now):
+                async with asyncio.timeout(min(job.last_output + interval - now, left)):
                     await job.wake.wait()
         if job.client_gone or conn.transport.is_closing():
             self.log_request(req, 499, started, job)
@@ -2164,7 +2167,7 @@ class Routes:
         jobs = []
         for _ in range(n):
             job, _ = self.build_chat_job({"model": model, "messages": [{"role": "user", "content": prompt}]},
-                                         False, "image")
+                                         False)
             jobs.append(job)
         for job in jobs:
             self.start_job(job)
@@ -2294,7 +2297,7 @@ class Bridge(Routes):
         self.dirty: set[Job] = set()
         self.tab_counter = itertools.count(1)
         self.pool_counter = itertools.count()
-        self.tab_event = asyncio.Event()       # set whenever tabs come, go or free up
+        self.tab_event = asyncio.Event()       # set (and replaced) whenever tabs come or go
         self.cloudflare_since = 0.0
         self.capture_waiters: list[asyncio.Future] = []
         self.capture_settings: dict | None = None
