@@ -46,20 +46,26 @@ import argparse
 import asyncio
 import base64
 import codecs
+import collections
 import contextlib
+import copy
 import dataclasses
 import datetime
 import difflib
 import hashlib
 import hmac
+import html
 import ipaddress
 import itertools
 import json
 import logging
+import math
 import mimetypes
 import os
 import re
+import secrets
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -73,25 +79,25 @@ from websockets.datastructures import Headers as WsHeaders
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
-VERSION = "3.0.0"
+VERSION = "3.1.0"
+USERSCRIPT_VERSION = "3.1.0"    # the userscript.js shipped with this bridge
 log = logging.getLogger("bridge")
 
 # 1. Constants and limits ============================================================================
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_NAME, MODELS_NAME, MAP_NAME = "config.jsonc", "models.json", "model_endpoint_map.json"
+SHAPE_NAME = "request_shape.json"      # what the tab learned of LMArena's request shape (section 6)
 PROGRAM_FILES = ("bridge.py", "userscript.js", "README.md")  # the only files `update` may replace
 
+# Limits that are part of the protocol, not of a user's taste (the tunable ones are Config fields).
 MAX_HEADERS = 100                 # h11 and websockets cap the count too; 100 is generous for clients
 MAX_CHUNK_SIZE_DIGITS = 16        # hex digits of one chunk size (64 bits); more is an attack
 MAX_TRAILER_BYTES = 8192          # chunked trailers are read and discarded
 WS_MAX_MESSAGE = 64 * 2**20       # tab messages carry base64 images: several MiB must pass
-WS_PING_INTERVAL = 20.0           # server pings; browsers answer even in throttled background tabs
-WS_PING_TIMEOUT = 20.0            # no traffic at all for interval + timeout: the tab is dead
-MAX_PENDING_OUTPUT = 8 * 2**20    # bytes queued for a client that does not read; past it we give up
 FLUSH_INTERVAL = 0.002            # a burst of tokens within 2 ms of the last write goes out as one chunk
-MAX_ANSWER_CHARS = 64 * 2**20     # a non-streaming answer is held in memory: a runaway tab stops here
-READ_SIZE = 262144                # one read; all tab messages of a read are flushed to clients together
+THREAD_PARSE_BYTES = 256 * 1024   # request bodies larger than this are parsed off the event loop
+RECENT_REQUESTS = 200             # kept for /health, the status page and stage percentiles
 
 # Hot-path JSON: skip json.loads' type checks and encoding sniffing (tab messages are UTF-8 text).
 _json_decode = json.JSONDecoder().decode
@@ -103,45 +109,122 @@ RECAPTCHA_RETRY_ACTION = "chat_retry"
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 # 2. Configuration ===================================================================================
+#    config.jsonc becomes one frozen `Config`, replaced whole when the file changes: a mistyped key or
+#    a wrong type fails at load time with the file's name, never as a 500 at request time.
 
-DEFAULT_CONFIG = {
-    # The original's options
-    "session_id": "YOUR_SESSION_ID",
-    "message_id": "YOUR_MESSAGE_ID",
-    "id_updater_last_mode": "direct_chat",
-    "id_updater_battle_target": "A",
-    "use_default_ids_if_mapping_not_found": True,
-    "tavern_mode_enabled": False,
-    "bypass_enabled": False,
-    "api_key": "",
-    "stream_response_timeout_seconds": 360,
-    "enable_auto_update": True,
-    "enable_idle_restart": False,
-    "idle_restart_timeout_seconds": -1,
-    # Ours
-    "host": "127.0.0.1",
-    "port": 5102,
-    "allowed_tab_origins": [],
-    "allow_remote_tabs": False,
-    "cors_allowed_origins": ["http://localhost", "http://127.0.0.1", "http://[::1]"],
-    "allowed_hosts": [],
-    "max_head_bytes": 65536,
-    "max_body_bytes": 64 * 2**20,
-    "max_attachment_bytes": 5 * 2**20,
-    "head_timeout_seconds": 10,
-    "body_timeout_seconds": 60,
-    "keep_alive_timeout_seconds": 15,
-    "max_connections": 512,
-    "first_byte_hold_seconds": 10,
-    "keepalive_interval_seconds": 15,
-    "cloudflare_wait_seconds": 60,
-    "strict_models": False,
-    "default_image_model": "",
-    "capture_timeout_seconds": 180,
-    "update_url": "",
-    "log_level": "info",
-}
-_NUMBER_KEYS = {k for k, v in DEFAULT_CONFIG.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    # -- The original's options --
+    session_id: str = "YOUR_SESSION_ID"
+    message_id: str = "YOUR_MESSAGE_ID"
+    id_updater_last_mode: str = "direct_chat"          # "direct_chat" | "battle"
+    id_updater_battle_target: str = "A"                # "A" | "B"
+    use_default_ids_if_mapping_not_found: bool = True
+    tavern_mode_enabled: bool = False
+    bypass_enabled: bool = False
+    api_key: str = ""
+    stream_response_timeout_seconds: float = 360
+    enable_auto_update: bool = True
+    enable_idle_restart: bool = False
+    idle_restart_timeout_seconds: float = -1
+    # -- Sessions (PROTOCOL section 4) --
+    session_mode: str = "create"                       # "create" | "retry"
+    continue_conversations: bool = True
+    conversation_cleanup: str = "keep"                 # "keep" | "archive" | "delete"
+    max_prompt_chars: int = 0                          # 0: no check
+    tab_cooldown_seconds: float = 60
+    # -- Where and who --
+    host: str = "127.0.0.1"
+    port: int = 5102
+    allowed_tab_origins: tuple = ()
+    allow_remote_tabs: bool = False
+    cors_allowed_origins: tuple = ("http://localhost", "http://127.0.0.1", "http://[::1]")
+    allowed_hosts: tuple = ()
+    # -- Limits (HTTP) --
+    max_head_bytes: int = 65536          # nginx 8 KiB, node 16 KiB, h11 16 KiB; long localhost cookies
+    max_body_bytes: int = 64 * 2**20     # several base64 images fit
+    max_attachment_bytes: int = 5 * 2**20
+    max_connections: int = 512
+    max_messages: int = 5000             # messages per request: a million tiny ones froze the loop
+    max_pending_output_bytes: int = 8 * 2**20   # queued for a client that does not read; past it we drop it
+    max_answer_chars: int = 64 * 2**20   # a non-streaming answer is held in memory; a runaway tab stops here
+    # -- Timeouts --
+    head_timeout_seconds: float = 10
+    body_timeout_seconds: float = 60
+    keep_alive_timeout_seconds: float = 15
+    first_byte_hold_seconds: float = 10
+    keepalive_interval_seconds: float = 15
+    cloudflare_wait_seconds: float = 60
+    capture_timeout_seconds: float = 180
+    ws_ping_interval_seconds: float = 20  # browsers answer pings even in throttled background tabs
+    ws_ping_timeout_seconds: float = 20   # no traffic at all for interval + timeout: the tab is dead
+    token_ready_seconds: float = 600      # tabs keep a reCAPTCHA token minted this long after a request
+    # -- Models --
+    strict_models: bool = False
+    default_image_model: str = ""
+    # -- Maintenance --
+    update_url: str = ""
+    log_level: str = "info"              # "debug" | "info" | "warning" | "error"
+
+    CHOICES = {"id_updater_last_mode": ("direct_chat", "battle"), "id_updater_battle_target": ("A", "B"),
+               "session_mode": ("create", "retry"), "conversation_cleanup": ("keep", "archive", "delete"),
+               "log_level": ("debug", "info", "warning", "error")}
+    # Keys of the original bridge's config that mean nothing here: accepted and ignored.
+    IGNORED = frozenset({"version", "file_bed_enabled", "file_bed_upload_url", "file_bed_api_key",
+                         "enable_comprehensive_update", "auto_restart", "$schema"})
+
+    @classmethod
+    def from_dict(cls, path: str, raw) -> "Config":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be an object {{...}}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in raw.items():
+            field = fields.get(key)
+            if field is None:
+                if key in cls.IGNORED or str(key).startswith("_"):
+                    continue
+                close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+                hint = f"; did you mean \"{close[0]}\"?" if close else " (see the README's configuration table)"
+                raise ConfigError(f"{path}: unknown key {json.dumps(key)}{hint}")
+            default = field.default
+            shown = json.dumps(value, ensure_ascii=False)[:80]
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{path}: \"{key}\" must be true or false, not {shown}")
+            elif isinstance(default, (int, float)):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                        or value in (float("inf"), float("-inf")):
+                    raise ConfigError(f"{path}: \"{key}\" must be a number, not {shown}")
+                if field.type == "int" and not isinstance(value, int):
+                    if not float(value).is_integer():
+                        raise ConfigError(f"{path}: \"{key}\" must be a whole number, not {shown}")
+                    value = int(value)
+            elif isinstance(default, tuple):
+                if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                    raise ConfigError(f"{path}: \"{key}\" must be a list of strings")
+                value = tuple(value)
+            elif not isinstance(value, str):
+                raise ConfigError(f"{path}: \"{key}\" must be a string, not {shown}")
+            values[key] = value
+        for key, choices in cls.CHOICES.items():
+            if key in values:
+                v = values[key]
+                norm = v.upper() if key == "id_updater_battle_target" else v.lower()
+                if norm not in choices:
+                    raise ConfigError(f"{path}: \"{key}\" must be one of {', '.join(map(json.dumps, choices))}, "
+                                      f"not {json.dumps(v)}")
+                values[key] = norm
+        if not 0 <= values.get("port", 0) <= 65535:
+            raise ConfigError(f"{path}: \"port\" must be between 0 and 65535")
+        for key in ("max_head_bytes", "max_body_bytes", "max_attachment_bytes", "max_connections",
+                    "max_messages", "max_pending_output_bytes", "max_answer_chars"):
+            if key in values and values[key] < 1:
+                raise ConfigError(f"{path}: \"{key}\" must be at least 1")
+        return cls(**values)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
 
 
 class ConfigError(Exception):
@@ -154,8 +237,12 @@ def parse_json_file(path: str, text: str):
         return json.loads(text)
     except ValueError:
         pass
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
     try:
         return json5.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
     except ValueError as exc:
         msg = str(exc)
         m = re.match(r"<string>:(\d+) (.*) at column (\d+)$", msg)
@@ -178,35 +265,10 @@ def read_json_file(path: str, default):
     return parse_json_file(path, text), text
 
 
-def validate_config(path: str, raw) -> dict:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be an object {{...}}")
-    cfg = dict(DEFAULT_CONFIG)
-    for key, value in raw.items():
-        default = DEFAULT_CONFIG.get(key)
-        if key in _NUMBER_KEYS:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{path}: \"{key}\" must be a number, not {json.dumps(value)}")
-        elif isinstance(default, bool) and not isinstance(value, bool):
-            raise ConfigError(f"{path}: \"{key}\" must be true or false, not {json.dumps(value)}")
-        elif isinstance(default, list) and not (isinstance(value, list)
-                                                and all(isinstance(v, str) for v in value)):
-            raise ConfigError(f"{path}: \"{key}\" must be a list of strings")
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise ConfigError(f"{path}: \"{key}\" must be a string, not {json.dumps(value)}")
-        cfg[key] = value
-    if not 0 <= int(cfg["port"]) <= 65535:
-        raise ConfigError(f"{path}: \"port\" must be between 0 and 65535")
-    if cfg["id_updater_last_mode"] not in ("direct_chat", "battle"):
-        raise ConfigError(f"{path}: \"id_updater_last_mode\" must be \"direct_chat\" or \"battle\"")
-    if str(cfg["id_updater_battle_target"]).upper() not in ("A", "B"):
-        raise ConfigError(f"{path}: \"id_updater_battle_target\" must be \"A\" or \"B\"")
-    return cfg
-
-
 def validate_models(path: str, raw) -> dict:
     if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
-        raise ConfigError(f"{path}: must be an object of \"model name\": \"<uuid>\" (or \"<uuid>:image\")")
+        raise ConfigError(f"{path}: must be an object of \"model name\": \"<uuid>\" (or \"<uuid>:image\", "
+                          "\":search\", \":video\", \":webdev\")")
     return raw
 
 
@@ -227,24 +289,31 @@ def validate_endpoint_map(path: str, raw) -> dict:
 
 
 class UserFiles:
-    """The three user files, re-read when they change on disk (checked per API request: a stat is
-    cheap, and an edit then takes effect on the very next request). A broken edit keeps the last
-    good version and logs why."""
+    """The user files, re-read when they change on disk (checked per API request: a stat is cheap,
+    and an edit then takes effect on the very next request). A broken edit, or a file that is
+    missing for a moment (editors that save by rename-then-write), keeps the last good version."""
 
-    def __init__(self, config_path: str):
+    def __init__(self, config_path: str, overrides: dict | None = None):
         self.config_path = os.path.abspath(config_path)
         folder = os.path.dirname(self.config_path)
         self.models_path = os.path.join(folder, MODELS_NAME)
         self.map_path = os.path.join(folder, MAP_NAME)
-        self.config: dict = dict(DEFAULT_CONFIG)
+        self.shape_path = os.path.join(folder, SHAPE_NAME)
+        self.overrides = dict(overrides or {})     # fields set by tests or the command line
+        self.config = Config().replace(**self.overrides)
         self.models: dict = {}
         self.endpoint_map: dict = {}
+        self.loaded_at = time.time()
+        self.last_error: str | None = None
         self._stamps: dict = {}
 
     def _spec(self):
-        return ((self.config_path, "config", validate_config, {}),
-                (self.models_path, "models", validate_models, {}),
-                (self.map_path, "endpoint_map", validate_endpoint_map, {}))
+        return ((self.config_path, "config", self._config_value),
+                (self.models_path, "models", validate_models),
+                (self.map_path, "endpoint_map", validate_endpoint_map))
+
+    def _config_value(self, path, raw) -> Config:
+        return Config.from_dict(path, raw).replace(**self.overrides)
 
     @staticmethod
     def _stamp(path):
@@ -256,8 +325,8 @@ class UserFiles:
 
     def load_all(self, report=print) -> None:
         """Startup: a missing file is reported and defaults used; a broken one raises ConfigError."""
-        for path, attr, validate, default in self._spec():
-            value, text = read_json_file(path, default)
+        for path, attr, validate in self._spec():
+            value, text = read_json_file(path, {})
             if text is None:
                 report(f"note: {path} not found; using defaults")
             setattr(self, attr, validate(path, value))
@@ -266,23 +335,32 @@ class UserFiles:
     def refresh(self) -> bool:
         """Reload whichever file changed; True when something was reloaded."""
         changed = False
-        for path, attr, validate, default in self._spec():
+        for path, attr, validate in self._spec():
             stamp = self._stamp(path)
             if stamp == self._stamps.get(path):
                 continue
+            if stamp is None:
+                # Gone, perhaps only for a moment: never fall back to defaults (that would, for one,
+                # drop the api_key). The stamp stays, so the file's return is noticed.
+                log.warning("%s is missing; keeping the last good version", os.path.basename(path))
+                self.last_error = f"{path} is missing"
+                continue
             self._stamps[path] = stamp
             try:
-                value, _ = read_json_file(path, default)
+                value, _ = read_json_file(path, {})
                 new = validate(path, value)
             except ConfigError as exc:
                 log.error("keeping the last good %s: %s", os.path.basename(path), exc)
+                self.last_error = str(exc)
                 continue
             if attr == "config":
                 for key in ("host", "port"):
-                    if new[key] != self.config[key]:
+                    if getattr(new, key) != getattr(self.config, key):
                         log.warning("%s changed in %s; it takes effect after a restart", key, path)
-                set_log_level(new["log_level"])
+                set_log_level(new.log_level)
             setattr(self, attr, new)
+            self.last_error = None
+            self.loaded_at = time.time()
             log.info("reloaded %s", os.path.basename(path))
             changed = True
         return changed
@@ -292,13 +370,18 @@ class UserFiles:
 
 
 def set_log_level(name: str) -> None:
-    log.setLevel(logging.DEBUG if str(name).lower() == "debug" else
-                 getattr(logging, str(name).upper(), logging.INFO))
+    log.setLevel(getattr(logging, str(name).upper(), logging.INFO))
 
 
 def is_placeholder_id(value) -> bool:
     """Empty, containing YOUR_ (any case), or not shaped like a UUID."""
     return not isinstance(value, str) or not value or "your_" in value.lower() or not UUID_RE.match(value)
+
+
+def shown(value, limit: int = 120) -> str:
+    """An untrusted string for a log line: repr-escaped (no forged lines) and cut."""
+    text = value if isinstance(value, str) else str(value)
+    return repr(text[:limit])
 
 
 # 3. Atomic, comment-keeping writes of user files ====================================================
@@ -446,10 +529,12 @@ def jsonc_update(text: str | None, updates: dict, indent: str = "  ") -> str:
 # 4. Errors =========================================================================================
 
 class ApiError(Exception):
-    """An error a client sees, OpenAI-shaped; rendered in one place (`error_body`)."""
+    """An error a client sees. Rendered in one place per API: `body()` (OpenAI's shape) and
+    `anthropic_error_body` (section 7); the status, Retry-After and extra headers go with it."""
 
     def __init__(self, status: int, message: str, code: str | None = None,
-                 type_: str | None = None, retry_after: int | None = None, close: bool = False):
+                 type_: str | None = None, retry_after: int | None = None, close: bool = False,
+                 headers: list | None = None):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
         self.type = type_ or ("invalid_request_error" if 400 <= status < 500 and status not in (429,)
@@ -460,16 +545,19 @@ class ApiError(Exception):
             self.type = "authentication_error"
         self.retry_after = retry_after
         self.close = close
+        self.headers = headers or []
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": None}}
 
 
 def no_tab_error() -> ApiError:
-    return ApiError(503, "No LMArena tab is connected to the bridge. Open https://lmarena.ai (or "
-                    "arena.ai) in a browser with the LMArena Bridge userscript installed and enabled; its "
-                    "title starts with ✅ once connected (check http://127.0.0.1:5102/health).",
-                    "no_tab_connected", retry_after=5)
+    # No Retry-After: with no tab at all, an SDK's automatic retries (seconds apart) only make the
+    # user wait longer for the same answer. A Cloudflare check or a cooling tab does send one.
+    return ApiError(503, "No LMArena tab is connected to the bridge. Open https://arena.ai (or "
+                    "lmarena.ai) in a browser with the LMArena Bridge userscript installed and enabled; its "
+                    "title starts with ✅ once connected (python bridge.py doctor checks every link).",
+                    "no_tab_connected")
 
 
 # 5. HTTP/1.1 wire format (pure: bytes in, values out) ===============================================
@@ -688,12 +776,29 @@ def chunk_frame(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
 
 
-def sse_event(obj) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+def wire_bytes(text: str) -> bytes:
+    """UTF-8 for the wire. A lone surrogate (JSON allows "\\ud800") cannot be encoded: it goes out as
+    its JSON escape, which is exactly right inside the JSON strings where such text can occur."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace")
+
+
 
 
 # 6. LMArena translation (pure): OpenAI request -> LMArena task, LMArena stream -> events ==========
 #    Everything LMArena-specific lives here: when the site changes, this is the section to adjust.
+#    PROTOCOL.md (in this repository) section 2 has the facts and their sources.
+
+CREATE_PATH = "/nextjs-api/stream/create-evaluation"
+FOLLOWUP_PATH = "/nextjs-api/stream/post-to-evaluation/{id}"
+RECAPTCHA_SUBMIT_ACTION = "chat_submit"
+MODALITIES = ("chat", "image", "search", "video", "webdev")
+# Body fields the bridge always sets itself: a learned shape (below) never overrides them.
+OWN_FIELDS = frozenset({"id", "mode", "modelAId", "modelBId", "userMessageId", "modelAMessageId",
+                        "modelBMessageId", "userMessage", "modality", "recaptchaV3Token", "recaptchaV2Token"})
+
 
 def uuid7_chain(n: int, now_ms: int | None = None) -> list[str]:
     """n fresh UUIDv7 strings, strictly increasing (same millisecond, rising 12-bit sequence)."""
@@ -715,6 +820,60 @@ def iso_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z")
 
+
+# -- Models: models.json values and the page's model list (2.8) -----------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelRef:
+    """A models.json value: "<id>" (chat), "<id>:image|search|video|webdev", "null:image"."""
+    id: str | None
+    modality: str = "chat"
+
+    @property
+    def is_image(self) -> bool:
+        return self.modality == "image"
+
+
+def parse_model_value(value) -> ModelRef:
+    model_id, _, kind = str(value).partition(":")
+    kind = kind.lower()
+    return ModelRef(None if model_id in ("", "null") else model_id, kind if kind in MODALITIES else "chat")
+
+
+def model_value(ref: ModelRef) -> str:
+    return (ref.id or "null") + ("" if ref.modality == "chat" else ":" + ref.modality)
+
+
+def modality_of(model: dict) -> str:
+    """Modality from outputCapabilities: image, video, search, web -> webdev, else chat."""
+    caps = model.get("capabilities")
+    out = caps.get("outputCapabilities") if isinstance(caps, dict) else None
+    if not isinstance(out, dict):
+        return "chat"
+    for key, modality in (("image", "image"), ("video", "video"), ("search", "search"), ("web", "webdev")):
+        if out.get(key) not in (None, False):
+            return modality
+    return "chat"
+
+
+def page_model_entries(page_models: list) -> dict:
+    """The page's model objects -> {publicName: models.json value}. Rows with userSelectable false are
+    left out; among rows sharing a publicName the newest selectable one wins (UUIDv7 ids sort by time;
+    otherwise the later row of the list)."""
+    best: dict[str, tuple] = {}
+    for order, m in enumerate(page_models):
+        if not isinstance(m, dict) or m.get("userSelectable") is False:
+            continue
+        name, mid = m.get("publicName"), m.get("id")
+        if not isinstance(name, str) or not isinstance(mid, str) or not name or not mid:
+            continue
+        rank = (mid[14:15] == "7" and mid.lower(), order)    # v7 ids carry their creation time
+        if name not in best or rank > best[name][0]:
+            best[name] = (rank, model_value(ModelRef(mid, modality_of(m))))
+    return {name: value for name, (_, value) in best.items()}
+
+
+# -- Request content: OpenAI parts -> text and attachments ---------------------------------------------
 
 _DATA_URL_RE = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*?)(;base64)?,", re.I)
 _AUDIO_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg",
@@ -767,7 +926,16 @@ def _attachment(url: str, name: str | None, mime: str | None, index: int, kind: 
     return {"name": name, "contentType": mime, "url": url}
 
 
-def content_to_text(content, limit: int, counter: itertools.count) -> tuple[str, list]:
+def _object_field(part: dict, key: str, where: str) -> dict:
+    value = part.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, f"{where}.{key} must be an object", "invalid_content")
+    return value
+
+
+def content_to_text(content, limit: int, counter: itertools.count, where: str = "content") -> tuple[str, list]:
     """OpenAI message content (string or list of parts) -> (text, attachments)."""
     if content is None:
         return "", []
@@ -776,58 +944,75 @@ def content_to_text(content, limit: int, counter: itertools.count) -> tuple[str,
     if isinstance(content, dict):
         content = [content]
     if not isinstance(content, list):
-        raise ApiError(400, "message content must be a string or a list of parts", "invalid_content")
+        raise ApiError(400, f"{where} must be a string or a list of parts", "invalid_content")
     texts, files = [], []
-    for part in content:
+    for i, part in enumerate(content):
+        at = f"{where}[{i}]"
         if isinstance(part, str):
             texts.append(part)
             continue
         if not isinstance(part, dict):
-            raise ApiError(400, "each content part must be an object", "invalid_content")
+            raise ApiError(400, f"{at} must be an object", "invalid_content")
         kind = part.get("type")
         if kind in ("text", "input_text"):
-            texts.append(str(part.get("text") or ""))
+            text = part.get("text")
+            if text is not None and not isinstance(text, str):
+                raise ApiError(400, f"{at}.text must be a string", "invalid_content")
+            texts.append(text or "")
         elif kind in ("image_url", "input_image"):
             ref = part.get("image_url")
             url = ref.get("url") if isinstance(ref, dict) else ref
             if not isinstance(url, str):
-                raise ApiError(400, "image_url part needs image_url.url", "invalid_content")
+                raise ApiError(400, f"{at}.image_url.url must be a string (a data: or http(s) URL)",
+                               "invalid_content")
             files.append(_attachment(url, None, None, next(counter), "image", limit))
         elif kind == "input_audio":
-            audio = part.get("input_audio") or {}
-            data, fmt = audio.get("data"), str(audio.get("format") or "wav").lower()
+            audio = _object_field(part, "input_audio", at)
+            data, fmt = audio.get("data"), audio.get("format") or "wav"
             if not isinstance(data, str):
-                raise ApiError(400, "input_audio part needs input_audio.data (base64)", "invalid_content")
+                raise ApiError(400, f"{at}.input_audio.data must be a base64 string", "invalid_content")
+            if not isinstance(fmt, str) or not re.fullmatch(r"[A-Za-z0-9]{1,10}", fmt):
+                raise ApiError(400, f"{at}.input_audio.format must be a short name like \"wav\"",
+                               "invalid_content")
+            fmt = fmt.lower()
             mime = _AUDIO_TYPES.get(fmt, f"audio/{fmt}")
             url = data if data.startswith("data:") else f"data:{mime};base64,{data}"
             n = next(counter)
             files.append(_attachment(url, f"audio_{n}.{'wav' if fmt == 'pcm16' else fmt}", mime, n,
                                      "audio", limit))
         elif kind == "file":
-            f = part.get("file") or {}
+            f = _object_field(part, "file", at)
             data, name = f.get("file_data"), f.get("filename")
             if not isinstance(data, str):
-                raise ApiError(400, "file part needs file.file_data (a data URL or base64); file_id is "
-                               "not supported", "invalid_content")
+                raise ApiError(400, f"{at}.file.file_data must be a string (a data URL or base64); "
+                               "file_id is not supported", "invalid_content")
+            if name is not None and not isinstance(name, str):
+                raise ApiError(400, f"{at}.file.filename must be a string", "invalid_content")
             mime = None
             if not data.startswith("data:"):
                 mime = (mimetypes.guess_type(name)[0] if name else None) or "application/octet-stream"
                 data = f"data:{mime};base64,{data}"
-            elif name and _DATA_URL_RE.match(data) and not _DATA_URL_RE.match(data).group(1):
-                mime = mimetypes.guess_type(name)[0]
+            else:
+                m = _DATA_URL_RE.match(data)
+                if name and m and not m.group(1):
+                    mime = mimetypes.guess_type(name)[0]
             files.append(_attachment(data, name, mime, next(counter), "file", limit))
-        elif kind in ("refusal",):
-            texts.append(str(part.get("refusal") or ""))
+        elif kind == "refusal":
+            refusal = part.get("refusal")
+            texts.append(refusal if isinstance(refusal, str) else "")
         else:
-            raise ApiError(400, f"unsupported content part type {kind!r}", "invalid_content")
+            raise ApiError(400, f"{at}: unsupported content part type {shown(kind, 40)}", "invalid_content")
     return "\n\n".join(t for t in texts if t) if len(texts) > 1 else "".join(texts), files
 
 
 def openai_to_templates(messages, *, tavern: bool, bypass: bool, is_image: bool, mode: str,
-                        target: str, attachment_limit: int) -> list[dict]:
+                        target: str, attachment_limit: int, max_messages: int = 10**9) -> list[dict]:
     """OpenAI messages -> the original's message_templates, with participant positions."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "invalid_messages")
+    if len(messages) > max_messages:
+        raise ApiError(413, f"{len(messages)} messages is more than this bridge accepts in one request "
+                       f"({max_messages}, max_messages).", "request_too_large")
     counter = itertools.count(1)
     templates = []
     for i, msg in enumerate(messages):
@@ -839,32 +1024,62 @@ def openai_to_templates(messages, *, tavern: bool, bypass: bool, is_image: bool,
         elif role in ("tool", "function"):
             role = "user"         # tool results are shown to the model as user text
         if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role {role!r} is not supported", "invalid_messages")
-        text, files = content_to_text(msg.get("content"), attachment_limit, counter)
+            raise ApiError(400, f"messages[{i}].role {shown(role, 40)} is not supported", "invalid_messages")
+        text, files = content_to_text(msg.get("content"), attachment_limit, counter, f"messages[{i}].content")
         if role == "user" and not text.strip() and not files:
             text = " "            # LMArena rejects empty content
         elif role == "user" and not text:
             text = " "
         templates.append({"role": role, "content": text, "attachments": files})
+    return openai_to_templates_positions(templates, tavern=tavern, bypass=bypass, is_image=is_image,
+                                         mode=mode, target=target)
+
+
+def openai_to_templates_positions(templates: list, *, tavern: bool, bypass: bool, is_image: bool, mode: str,
+                                  target: str) -> list[dict]:
+    """The retry body's view of the messages: Tavern's merged system prompt, participant positions
+    (direct chat: all `a` but system `b`; battle: the captured side), Bypass's trailing turn."""
     if tavern:
-        system = [t["content"] for t in templates if t["role"] == "system"]
-        rest = [t for t in templates if t["role"] != "system"]
-        templates = ([{"role": "system", "content": "\n\n".join(system), "attachments": []}]
-                     if system else []) + rest
+        templates = tavern_merge(templates)
     battle_side = "b" if str(target).upper() == "B" else "a"
+    out = []
     for t in templates:
-        if mode == "battle":
-            t["participantPosition"] = battle_side
-        else:
-            t["participantPosition"] = "b" if t["role"] == "system" else "a"
+        position = battle_side if mode == "battle" else ("b" if t["role"] == "system" else "a")
+        out.append({"role": t["role"], "content": t["content"], "attachments": t.get("attachments") or [],
+                    "participantPosition": position})
     if bypass and not is_image:
-        templates.append({"role": "user", "content": " ", "participantPosition": "a", "attachments": []})
-    return templates
+        out.append({"role": "user", "content": " ", "participantPosition": "a", "attachments": []})
+    return out
+
+
+# -- Folding a conversation into one turn (create mode) ----------------------------------------------
+#    LMArena keeps a conversation's history on its side; a new conversation takes one user turn. A
+#    whole OpenAI conversation goes as one transcript: each turn in a tagged block that names its
+#    role, attachments listed where they were sent, and the last user turn last, so the model
+#    answers it. The format is in the README ("How a conversation is sent").
+
+FOLD_PREAMBLE = ("The conversation so far is below, each turn tagged with its role. Reply to the last "
+                 "user turn as the assistant; do not repeat the tags.")
+
+
+def fold_turns(templates: list[dict]) -> tuple[str, list]:
+    """Templates -> (content, attachments) for one LMArena user turn."""
+    attachments = [a for t in templates for a in t.get("attachments") or ()]
+    if len(templates) == 1 and templates[0]["role"] == "user":
+        return templates[0]["content"], attachments
+    blocks = [FOLD_PREAMBLE]
+    for t in templates:
+        text = t["content"]
+        names = [a["name"] for a in t.get("attachments") or ()]
+        if names:
+            text = (text + "\n" if text.strip() else "") + "[attached: " + ", ".join(names) + "]"
+        blocks.append(f"<{t['role']}>\n{text}\n</{t['role']}>")
+    return "\n\n".join(blocks), attachments
 
 
 def build_retry_request(templates: list, session_id: str, message_id: str, model_id,
                         is_image: bool) -> dict:
-    """The complete LMArena request for the retry endpoint (PROTOCOL 2.2); the tab adds the token."""
+    """The complete LMArena request for the retry endpoint (PROTOCOL 2.4); the tab adds the token."""
     ids = uuid7_chain(len(templates))
     now = iso_now()
     messages, parent = [], None
@@ -886,18 +1101,60 @@ def build_retry_request(templates: list, session_id: str, message_id: str, model
             "recaptcha_action": RECAPTCHA_RETRY_ACTION}
 
 
-def resolve_model(name: str, models: dict, strict: bool) -> tuple[str | None, bool]:
-    """(modelId or None, is_image) from models.json: "uuid", "uuid:image" or "null:image"."""
+def build_evaluation_request(ref: ModelRef, content: str, attachments: list, conversation_id: str | None,
+                             learned: dict | None = None) -> tuple[dict, str]:
+    """create-evaluation (2.2) for a new conversation, post-to-evaluation (2.3) to continue one.
+    Fresh UUIDv7 ids every call (an attempt's ids are never reused). Fields of a learned shape that
+    the bridge does not set itself are added. Returns (request, conversation id)."""
+    new_id, user_id, a_id, b_id = uuid7_chain(4)
+    conv = conversation_id or new_id
+    body = {}
+    for key, value in (learned or {}).items():
+        if key not in OWN_FIELDS:
+            body[key] = copy.deepcopy(value)
+    user_message = {"content": content, "experimental_attachments": attachments, "metadata": {}}
+    learned_user = (learned or {}).get("userMessage")
+    if isinstance(learned_user, dict):
+        for key, value in learned_user.items():
+            user_message.setdefault(key, copy.deepcopy(value))
+    if not isinstance(user_message["metadata"], dict):
+        user_message["metadata"] = {}
+    body.update({"id": conv, "mode": "direct-battle", "modelAId": ref.id, "userMessageId": user_id,
+                 "modelAMessageId": a_id, "modelBMessageId": b_id, "userMessage": user_message,
+                 "modality": ref.modality})
+    path = CREATE_PATH if conversation_id is None else FOLLOWUP_PATH.format(id=conversation_id)
+    return {"method": "POST", "path": path, "body": body, "recaptcha_action": RECAPTCHA_SUBMIT_ACTION}, conv
+
+
+def learned_shape(endpoint, body) -> dict | None:
+    """A tab's report of the page's own request body -> the fields worth keeping (content, ids and
+    tokens are already removed by the tab; anything we set ourselves is dropped here too)."""
+    if endpoint not in ("create-evaluation", "post-to-evaluation") or not isinstance(body, dict):
+        return None
+    shape = {k: v for k, v in body.items() if k not in OWN_FIELDS or k == "userMessage"}
+    user = shape.get("userMessage")
+    if isinstance(user, dict):
+        user = {k: v for k, v in user.items() if k not in ("content", "experimental_attachments")}
+        shape["userMessage"] = user
+        if not user:
+            del shape["userMessage"]
+    else:
+        shape.pop("userMessage", None)
+    if len(json.dumps(shape)) > 65536:
+        return None
+    return shape
+
+
+def resolve_model(name: str, models: dict, strict: bool) -> ModelRef:
+    """models.json entry of a model name; an unknown name is modelId null (or 404 when strict)."""
     value = models.get(name)
     if value is None:
         if strict:
             close = difflib.get_close_matches(name, list(models), n=5, cutoff=0.4)
             hint = f" Similar: {', '.join(close)}." if close else ""
             raise ApiError(404, f"The model {name!r} is not in models.json.{hint}", "model_not_found")
-        return None, False
-    model_id, _, kind = value.partition(":")
-    model_id = None if model_id in ("", "null") else model_id
-    return model_id, kind == "image"
+        return ModelRef(None)
+    return parse_model_value(value)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -908,35 +1165,41 @@ class SessionChoice:
     target: str      # "A" | "B"
     source: str      # where it came from, for messages
 
+    @property
+    def side(self) -> str:
+        return ("b" if self.target == "B" else "a") if self.mode == "battle" else "a"
 
-def session_candidates(model: str, cfg: dict, endpoint_map: dict) -> list[SessionChoice]:
+
+def session_candidates(model: str, cfg: Config, endpoint_map: dict) -> list[SessionChoice]:
+    """Captured sessions for a model: its pool in model_endpoint_map.json, else the config's ids."""
     entry = endpoint_map.get(model)
     if entry is not None:
         entries = entry if isinstance(entry, list) else [entry]
         out = []
         for e in entries:
             out.append(SessionChoice(e["session_id"], e["message_id"],
-                                     e.get("mode") or cfg["id_updater_last_mode"],
-                                     str(e.get("battle_target") or cfg["id_updater_battle_target"]).upper(),
+                                     e.get("mode") or cfg.id_updater_last_mode,
+                                     str(e.get("battle_target") or cfg.id_updater_battle_target).upper(),
                                      f"{MAP_NAME} entry for {model!r}"))
         if out:
             return out
-    if not cfg["use_default_ids_if_mapping_not_found"]:
+    if not cfg.use_default_ids_if_mapping_not_found:
         raise ApiError(400, f"No session is configured for model {model!r} in {MAP_NAME}, and "
                        "use_default_ids_if_mapping_not_found is false. Add one with: python bridge.py "
                        f"capture --model {model!r}", "session_not_configured")
-    return [SessionChoice(cfg["session_id"], cfg["message_id"], cfg["id_updater_last_mode"],
-                          str(cfg["id_updater_battle_target"]).upper(), CONFIG_NAME)]
+    return [SessionChoice(cfg.session_id, cfg.message_id, cfg.id_updater_last_mode,
+                          str(cfg.id_updater_battle_target).upper(), CONFIG_NAME)]
 
 
 def check_session(choice: SessionChoice) -> None:
     if is_placeholder_id(choice.session_id) or is_placeholder_id(choice.message_id):
         raise ApiError(400, f"The session ids in {choice.source} are placeholders or not UUIDs. Capture "
                        "them: run `python bridge.py capture` and click Retry on an answer in your "
-                       "LMArena tab.", "session_not_configured")
+                       "LMArena tab (or set \"session_mode\": \"create\", which needs no ids).",
+                       "session_not_configured")
 
 
-# -- The response stream -----------------------------------------------------------------------------
+# -- Errors (2.9) -----------------------------------------------------------------------------------
 
 _CLOUDFLARE_MARKS = ("<title>Just a moment", "Enable JavaScript and cookies to continue",
                      "cf-mitigated", "challenge-platform", "cf_chl_")
@@ -949,8 +1212,25 @@ def is_cloudflare(text: str) -> bool:
     return any(mark in text for mark in _CLOUDFLARE_MARKS)
 
 
-def classify_upstream_error(message: str, status: int | None = None,
-                            retry_after=None) -> ApiError:
+def _zod_fields(text: str) -> list[str] | None:
+    """The fields a ZodError complains about ("userMessage.metadata"), or None if it is no ZodError."""
+    if "ZodError" not in text:
+        return None
+    fields = []
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        obj = json.loads(text[text.index("{"):])
+        err = obj.get("error") if isinstance(obj, dict) else None
+        issues = err.get("issues") if isinstance(err, dict) else None
+        if isinstance(err, dict) and isinstance(err.get("message"), str) and not issues:
+            with contextlib.suppress(ValueError):
+                issues = json.loads(err["message"])
+        for issue in issues if isinstance(issues, list) else ():
+            if isinstance(issue, dict) and isinstance(issue.get("path"), list):
+                fields.append(".".join(str(p) for p in issue["path"]) or "(body)")
+    return fields
+
+
+def classify_upstream_error(message, status: int | None = None, retry_after=None) -> ApiError:
     """A failure reported by the tab (or found in the stream) -> the error the client sees."""
     text = message if isinstance(message, str) else json.dumps(message)
     if status is None:
@@ -959,28 +1239,37 @@ def classify_upstream_error(message: str, status: int | None = None,
     detail = text.strip()
     inner = _inner_error_text(detail)
     short = (inner or detail)[:300]
-    try:
-        retry = max(1, int(float(retry_after))) if retry_after not in (None, "") else None
-    except (TypeError, ValueError):
-        retry = None
+    lower = text.lower()
+    retry = retry_after if isinstance(retry_after, int) and retry_after > 0 else None
     if is_cloudflare(text):
         return ApiError(503, "LMArena is showing a Cloudflare check. The tab was asked to reload; if it "
                         "keeps failing, open the LMArena tab and complete the check.",
                         "cloudflare_challenge", retry_after=retry or 30)
-    if status == 429 or "too many requests" in text.lower() or "rate limit" in text.lower():
+    if status == 429 or "too many requests" in lower or "rate limit" in lower or "prompt failed" in lower:
         return ApiError(429, f"LMArena rate limit reached; try again later. ({short})", "rate_limited",
                         retry_after=retry or 30)
-    if status == 401 or "does not have access to evaluation session" in text:
-        return ApiError(403, "LMArena refused the session: it belongs to another account or you are "
-                        "logged out. Capture ids again with `python bridge.py capture`. "
-                        f"({short})", "session_not_owned")
-    if "recaptcha" in text.lower() or (status == 403 and "captcha" in text.lower()):
-        return ApiError(403, "LMArena's reCAPTCHA check failed. Open the LMArena tab, interact with the "
-                        "page (solve a check if shown), then try again.", "recaptcha_failed")
-    if status == 413 or "too large" in text.lower():
+    if status == 401 or "does not have access to evaluation session" in text or "token has expired" in lower:
+        return ApiError(403, "LMArena refused the request: you are logged out, or the session belongs to "
+                        "another account. Log in again in the LMArena tab (captured ids: capture them "
+                        f"again with `python bridge.py capture`). ({short})", "session_not_owned")
+    if "recaptcha" in lower or (status == 403 and "captcha" in lower):
+        return ApiError(403, "LMArena's reCAPTCHA check failed, also with a fresh token and the fallback "
+                        "check. Open the LMArena tab, send one message by hand (solve a check if one is "
+                        "shown), then try again.", "recaptcha_failed")
+    if "not available for user selection" in lower or "no longer available" in lower:
+        return ApiError(400, f"LMArena says this model is not available ({short}). Reload the LMArena tab "
+                        "so the model list refreshes, then pick a model from GET /v1/models.",
+                        "model_unavailable")
+    fields = _zod_fields(text)
+    if fields is not None:
+        named = ", ".join(fields[:8]) or "unknown fields"
+        return ApiError(502, f"LMArena refused the request's shape (ZodError at {named}); the site has "
+                        "changed. Send one message by hand in the LMArena tab so the bridge learns the new "
+                        "shape, then try again (or update the bridge).", "upstream_schema_changed")
+    if status == 413 or "too large" in lower:
         return ApiError(413, f"LMArena refused an attachment as too large (about 5 MB per file as a data "
                         f"URL). ({short})", "attachment_too_large")
-    if status == 422 or "violates our terms" in text.lower():
+    if status == 422 or "violates our terms" in lower:
         return ApiError(400, f"LMArena rejected the content: {short}", "content_policy_violation")
     if status == 400:
         return ApiError(502, f"LMArena rejected the request as invalid (400): {short}", "upstream_error")
@@ -997,6 +1286,48 @@ def _inner_error_text(text: str) -> str | None:
             err = err.get("message")
         return str(err) if err else None
     return None
+
+
+def _bounded_int(value, low: int, high: int) -> int | None:
+    """A tab-supplied number, if it is a finite integer-ish value in range (JSON allows Infinity)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return None
+        value = int(value)
+    return value if isinstance(value, int) and low <= value <= high else None
+
+
+def tab_error(data: dict) -> ApiError:
+    """A tab's {"error", "status"?, "retry_after"?} report, each field checked."""
+    message = data.get("error")
+    if not isinstance(message, str):
+        message = json.dumps(message, ensure_ascii=False)[:2000] if message else "unknown error"
+    return classify_upstream_error(message[:20000], _bounded_int(data.get("status"), 100, 599),
+                                   _bounded_int(data.get("retry_after"), 0, 86400))
+
+
+def retry_plan(err: ApiError, followup: bool, attempt: int) -> dict | None:
+    """What to change on the next attempt after a failure before any output, or None to give up.
+    A follow-up that fails falls back to a new conversation; a refused token is retried once with a
+    fresh v3 token (the site key rediscovered), then once with the invisible v2 check (2.5)."""
+    if followup and err.code not in ("rate_limited", "cloudflare_challenge", "attachment_too_large",
+                                     "content_policy_violation", "session_not_owned"):
+        return {"new_conversation": True}
+    if err.code == "recaptcha_failed":
+        refusals = attempt + 1
+        if refusals == 1:
+            return {"rediscover_site_key": True}
+        if refusals == 2:
+            return {"rediscover_site_key": True, "recaptcha": "v2"}
+    return None
+
+
+# -- The response stream -----------------------------------------------------------------------------
 
 
 class ArenaStreamParser:
@@ -1140,18 +1471,6 @@ class ArenaStreamParser:
                     self.citations.append(src)
 
 
-def citations_markdown(sources: list[dict]) -> str:
-    lines = []
-    for s in sources:
-        title = s.get("title")
-        lines.append(f"- [{title}]({s['url']})" if title else f"- {s['url']}")
-    return "\n\nSources:\n" + "\n".join(lines)
-
-
-def image_markdown(url: str) -> str:
-    return f"![Image]({url})"
-
-
 # 7. OpenAI formatting (pure) ========================================================================
 
 def estimate_tokens(chars: int) -> int:
@@ -1164,10 +1483,18 @@ def usage_object(prompt_chars: int, completion_chars: int, upstream) -> dict:
         p = upstream.get("promptTokens", upstream.get("inputTokens", upstream.get("prompt_tokens")))
         c = upstream.get("completionTokens", upstream.get("outputTokens",
                                                            upstream.get("completion_tokens")))
-        if isinstance(p, int) and isinstance(c, int):
+        if type(p) is int and type(c) is int and p >= 0 and c >= 0:
             return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
     p, c = estimate_tokens(prompt_chars), estimate_tokens(completion_chars)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def json_text(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def sse_event(obj) -> str:
+    return "data: " + json_text(obj) + "\n\n"
 
 
 class ChunkFormatter:
@@ -1188,6 +1515,9 @@ class ChunkFormatter:
     def reasoning(self, literal: str) -> str:
         return self.head + '"reasoning_content":' + literal + '},"finish_reason":null}]}\n\n'
 
+    def tool_calls(self, deltas: list) -> str:
+        return self.head + '"tool_calls":' + json_text(deltas) + '},"finish_reason":null}]}\n\n'
+
     def role(self) -> str:
         return self.head + '"role":"assistant","content":""},"finish_reason":null}]}\n\n'
 
@@ -1195,57 +1525,1053 @@ class ChunkFormatter:
         return self.head + '},"finish_reason":%s}]}\n\n' % json.dumps(reason)
 
     def usage(self, usage: dict) -> str:
-        return "data: " + json.dumps({"id": self.cid, "object": "chat.completion.chunk",
-                                      "created": self.created, "model": self.model, "choices": [],
-                                      "usage": usage}, ensure_ascii=False) + "\n\n"
+        return sse_event({"id": self.cid, "object": "chat.completion.chunk", "created": self.created,
+                          "model": self.model, "choices": [], "usage": usage})
 
 
 def completion_body(cid: str, model: str, created: int, content: str, reasoning: str,
-                    finish: str, usage: dict) -> dict:
-    message = {"role": "assistant", "content": content}
+                    finish: str, usage: dict, tool_calls: list | None = None) -> dict:
+    message = {"role": "assistant", "content": content if content or not tool_calls else None}
     if reasoning:
         message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {"id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
             "usage": usage}
 
 
-# 8. Jobs: one task on a tab, from dispatch to its end ===============================================
+def citations_markdown(sources: list[dict]) -> str:
+    lines = []
+    for s in sources:
+        title = s.get("title")
+        lines.append(f"- [{title}]({s['url']})" if isinstance(title, str) and title else f"- {s['url']}")
+    return "\n\nSources:\n" + "\n".join(lines)
+
+
+def image_markdown(url: str) -> str:
+    return f"![Image]({url})"
+
+
+# 8. Agents: tool calls and the Anthropic Messages API (pure) ========================================
+
+TOOL_OPEN = "<tool_call>"
+TOOL_CLOSE = "</tool_call>"
+_TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# How many tokens an image or file counts for in count_input_tokens: base64 length says nothing
+# about what a model charges for a picture, and ~1000 is in the range Anthropic documents.
+_ATTACHMENT_TOKENS = 1000
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", "invalid_request_error")
+
+
+def _describe(value) -> str:
+    """The JSON type name of a value, for error messages a client author can act on."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _reject_constant(name: str):
+    # json.loads accepts NaN/Infinity, which json.dumps would then write back as invalid JSON.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(text: str):
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+# -- OpenAI tools in the request ---------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ToolSpec:
+    """The validated tools of one request. `choice` is "auto", "required" or a tool's name."""
+    tools: tuple            # ((name, description, parameters dict), ...) in the client's order
+    choice: str
+    parallel: bool
+    names: frozenset
+
+
+def _check_tool_name(name, field: str) -> str:
+    if not isinstance(name, str) or not _TOOL_NAME_RE.match(name):
+        raise _bad(f"'{field}' must be a string of 1 to 64 letters, digits, '_', '.' or '-' "
+                   f"(got {name!r})." if isinstance(name, str) else
+                   f"'{field}' must be a string (got {_describe(name)}).")
+    return name
+
+
+def _function_def(fn, field: str) -> tuple:
+    if not isinstance(fn, dict):
+        raise _bad(f"'{field}' must be an object with 'name', 'description' and 'parameters'.")
+    name = _check_tool_name(fn.get("name"), f"{field}.name")
+    desc = fn.get("description")
+    if desc is None:
+        desc = ""
+    elif not isinstance(desc, str):
+        raise _bad(f"'{field}.description' must be a string (got {_describe(desc)}).")
+    params = fn.get("parameters")
+    if params is None:
+        # OpenAI allows a function without parameters; the model still needs a schema to read.
+        params = {"type": "object", "properties": {}}
+    elif not isinstance(params, dict):
+        raise _bad(f"'{field}.parameters' must be a JSON Schema object (got {_describe(params)}).")
+    return name, desc, params
+
+
+def _choice_name(value, field: str, names: set) -> str:
+    if value not in names:
+        raise _bad(f"'{field}' names the function {value!r}, which is not in 'tools'.")
+    return value
+
+
+def parse_tools(data: dict) -> ToolSpec | None:
+    """Validate `tools`/`functions`, `tool_choice`/`function_call` and `parallel_tool_calls`.
+
+    None means "send no tool description": no tools, or tool_choice "none". The caller must then
+    not run a ToolCallReader either (a model imitating the format would otherwise trigger calls the
+    client never offered), but it must still pass the history through tool_history_text.
+    """
+    tools = []
+    raw_tools, raw_functions = data.get("tools"), data.get("functions")
+    if raw_tools is not None:
+        if not isinstance(raw_tools, list):
+            raise _bad(f"'tools' must be an array of tools (got {_describe(raw_tools)}).")
+        for i, tool in enumerate(raw_tools):
+            if not isinstance(tool, dict):
+                raise _bad(f"'tools[{i}]' must be an object (got {_describe(tool)}).")
+            kind = tool.get("type", "function")
+            if kind != "function":
+                raise _bad(f"'tools[{i}].type' {kind!r} is not supported; only \"function\" tools "
+                           "can be offered through LMArena.")
+            tools.append(_function_def(tool.get("function"), f"tools[{i}].function"))
+    if raw_functions is not None:       # the legacy (pre-tools) form: a plain list of functions
+        if not isinstance(raw_functions, list):
+            raise _bad(f"'functions' must be an array of functions (got {_describe(raw_functions)}).")
+        tools.extend(_function_def(fn, f"functions[{i}]") for i, fn in enumerate(raw_functions))
+    names = set()
+    for name, _, _ in tools:
+        if name in names:
+            raise _bad(f"'tools' holds two functions named {name!r}; names must be unique.")
+        names.add(name)
+
+    parallel = data.get("parallel_tool_calls")
+    if parallel is None:
+        parallel = True
+    elif not isinstance(parallel, bool):
+        raise _bad(f"'parallel_tool_calls' must be true or false (got {_describe(parallel)}).")
+
+    if "tool_choice" in data and data["tool_choice"] is not None:
+        field, raw = "tool_choice", data["tool_choice"]
+    else:
+        field, raw = "function_call", data.get("function_call")
+    if raw is None:
+        choice = "auto"
+    elif isinstance(raw, str):
+        if raw not in ("auto", "none", "required"):
+            raise _bad(f"'{field}' must be \"auto\", \"none\", \"required\" or "
+                       f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}} (got {raw!r}).")
+        if raw == "required" and field == "function_call":
+            raise _bad("'function_call' must be \"auto\", \"none\" or {\"name\": ...}.")
+        choice = raw
+    elif isinstance(raw, dict):
+        if field == "function_call":
+            choice = _choice_name(raw.get("name"), "function_call.name", names)
+        elif raw.get("type") in ("auto", "none", "required"):    # {"type": "auto"}: some SDKs
+            choice = raw["type"]
+        else:
+            if raw.get("type") != "function":
+                raise _bad("'tool_choice.type' must be \"function\" when tool_choice is an object "
+                           f"(got {raw.get('type')!r}).")
+            fn = raw.get("function")
+            if isinstance(fn, dict):
+                choice = _choice_name(fn.get("name"), "tool_choice.function.name", names)
+            elif "name" in raw:         # the Responses API spells it {"type": "function", "name"}
+                choice = _choice_name(raw.get("name"), "tool_choice.name", names)
+            else:
+                raise _bad("'tool_choice.function' must be an object with the function's 'name'.")
+    else:
+        raise _bad(f"'{field}' must be a string or an object (got {_describe(raw)}).")
+
+    if not tools:
+        if choice not in ("auto", "none"):
+            raise _bad(f"'{field}' asks for a tool call but the request has no 'tools'.")
+        return None
+    if choice == "none":
+        return None
+    return ToolSpec(tuple(tools), choice, parallel, frozenset(names))
+
+
+# -- Tools in the prompt -----------------------------------------------------------------------
+
+def tool_prompt(spec: ToolSpec) -> str:
+    """Instructions placed before the conversation: the tools, the call format, when to call."""
+    lines = ["# Tools", "",
+             "You can call the following tools (functions). Each is listed with its name, what it "
+             "does, and the JSON Schema of its arguments.", ""]
+    for name, desc, params in spec.tools:
+        lines.append(f"## {name}")
+        if desc.strip():
+            lines.append(desc.strip())
+        lines.append("Arguments schema: " + _dumps(params))
+        lines.append("")
+    lines += [
+        "# How to call a tool", "",
+        "To call a tool, write a block in exactly this format:",
+        TOOL_OPEN,
+        '{"name": "<function name>", "arguments": {...}}',
+        TOOL_CLOSE, "",
+        "- Inside the block: one JSON object, nothing else. \"arguments\" is a JSON object that "
+        "follows the tool's arguments schema (use {} when it takes none).",
+        "- Write one block per call." + (
+            " To call several tools at once, write several blocks one after another."
+            if spec.parallel else
+            " Call at most one tool per answer: never write more than one block."),
+        "- Text outside the blocks is your normal reply, shown to the user as usual. Do not put "
+        "the blocks in a code fence, and do not show them as an example.",
+        "- After your tool call block(s), stop writing and wait. The results will come back in "
+        "the next message as <tool_result name=\"...\" id=\"...\">...</tool_result> blocks. Never "
+        "write a <tool_result> block yourself and never guess a result.", "",
+    ]
+    if spec.choice == "auto":
+        lines.append("Call a tool when it helps you answer; otherwise answer normally, with no "
+                     "block.")
+    elif spec.choice == "required":
+        lines.append("In this answer you MUST call at least one tool.")
+    else:
+        lines.append(f"In this answer you MUST call the tool \"{spec.choice}\".")
+    return "\n".join(lines)
+
+
+def _call_block(name: str, arguments) -> str:
+    """The block the model is asked to write; used to show it its own earlier calls."""
+    return f"{TOOL_OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{TOOL_CLOSE}"
+
+
+def _arguments_value(text: str):
+    """A call's arguments text as the JSON value to show in a block (clients send "" for none)."""
+    if not text.strip():
+        return {}
+    try:
+        return _loads(text)
+    except ValueError:
+        return text             # shown as a JSON string: the model still sees what it sent
+
+
+def _text_and_other_parts(content, field: str) -> tuple[str, list]:
+    """Message content -> (its text, its non-text parts kept for the bridge's attachment code)."""
+    if content is None:
+        return "", []
+    if isinstance(content, str):
+        return content, []
+    if isinstance(content, dict):
+        content = [content]
+    if not isinstance(content, list):
+        raise _bad(f"'{field}' must be a string or an array of content parts "
+                   f"(got {_describe(content)}).")
+    texts, other = [], []
+    for j, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+        elif not isinstance(part, dict):
+            raise _bad(f"'{field}[{j}]' must be an object (got {_describe(part)}).")
+        elif part.get("type") in ("text", "input_text", "output_text"):
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _bad(f"'{field}[{j}].text' must be a string (got {_describe(text)}).")
+            texts.append(text)
+        elif part.get("type") == "refusal":
+            texts.append(str(part.get("refusal") or ""))
+        else:
+            other.append(part)  # images, files: content_to_text validates and uploads them
+    # Joined like content_to_text does, so a message reads the same with or without tools.
+    return "\n\n".join(t for t in texts if t) if len(texts) > 1 else "".join(texts), other
+
+
+def _with_parts(text: str, other: list):
+    return text if not other else [{"type": "text", "text": text}] + other
+
+
+def _attr(value: str) -> str:
+    return html.escape(value, quote=True)
+
+
+def tool_history_text(messages) -> list:
+    """OpenAI history with tool calls and results -> plain user/assistant/system messages.
+
+    An assistant message's tool_calls become `<tool_call>` blocks after its text, so the model
+    sees its own format; tool (and legacy function) results become user messages of
+    `<tool_result name=".." id="..">` blocks. Consecutive results are merged into one user message
+    (they answer one assistant turn, and LMArena folds the history anyway). Other messages pass
+    through unchanged (the same objects).
+    """
+    if not isinstance(messages, list):
+        raise _bad(f"'messages' must be an array (got {_describe(messages)}).")
+    names_by_id: dict[str, str] = {}
+    out: list = []
+    results: list[str] = []          # the pending run of tool results
+    result_parts: list = []
+
+    def flush():
+        if results:
+            out.append({"role": "user", "content": _with_parts("\n".join(results), result_parts[:])})
+            results.clear()
+            result_parts.clear()
+
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise _bad(f"'messages[{i}]' must be an object (got {_describe(msg)}).")
+        role = msg.get("role")
+        if role in ("tool", "function"):
+            if role == "tool":
+                call_id = msg.get("tool_call_id")
+                if not isinstance(call_id, str):
+                    raise _bad(f"'messages[{i}].tool_call_id' must be a string "
+                               f"(got {_describe(call_id)}).")
+                name = msg.get("name") if isinstance(msg.get("name"), str) else None
+                name = names_by_id.get(call_id, name)
+            else:
+                call_id, name = None, msg.get("name")
+                if not isinstance(name, str):
+                    raise _bad(f"'messages[{i}].name' must be a string (got {_describe(name)}).")
+            text, other = _text_and_other_parts(msg.get("content"), f"messages[{i}].content")
+            attrs = (f' name="{_attr(name)}"' if name else "") + (f' id="{_attr(call_id)}"'
+                                                                  if call_id else "")
+            results.append(f"<tool_result{attrs}>\n{text}\n</tool_result>")
+            result_parts.extend(other)
+            continue
+        flush()
+        calls = msg.get("tool_calls")
+        legacy = msg.get("function_call")
+        if role != "assistant" or (calls is None and legacy is None):
+            out.append(msg)
+            continue
+        blocks = []
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise _bad(f"'messages[{i}].tool_calls' must be an array (got {_describe(calls)}).")
+            for k, call in enumerate(calls):
+                field = f"messages[{i}].tool_calls[{k}]"
+                if not isinstance(call, dict):
+                    raise _bad(f"'{field}' must be an object (got {_describe(call)}).")
+                call_id = call.get("id")
+                if call_id is not None and not isinstance(call_id, str):
+                    raise _bad(f"'{field}.id' must be a string (got {_describe(call_id)}).")
+                fn = call.get("function")
+                if not isinstance(fn, dict):
+                    raise _bad(f"'{field}.function' must be an object with 'name' and 'arguments'.")
+                name, args = fn.get("name"), fn.get("arguments", "")
+                if not isinstance(name, str) or not name:
+                    raise _bad(f"'{field}.function.name' must be a string (got {_describe(name)}).")
+                if not isinstance(args, str):
+                    raise _bad(f"'{field}.function.arguments' must be a string of JSON "
+                               f"(got {_describe(args)}).")
+                if call_id:
+                    names_by_id[call_id] = name
+                blocks.append(_call_block(name, _arguments_value(args)))
+        if legacy is not None:
+            field = f"messages[{i}].function_call"
+            if not isinstance(legacy, dict):
+                raise _bad(f"'{field}' must be an object with 'name' and 'arguments'.")
+            name, args = legacy.get("name"), legacy.get("arguments", "")
+            if not isinstance(name, str) or not name:
+                raise _bad(f"'{field}.name' must be a string (got {_describe(name)}).")
+            if not isinstance(args, str):
+                raise _bad(f"'{field}.arguments' must be a string of JSON (got {_describe(args)}).")
+            blocks.append(_call_block(name, _arguments_value(args)))
+        text, other = _text_and_other_parts(msg.get("content"), f"messages[{i}].content")
+        text = "\n\n".join(t for t in (text.strip(), "\n".join(blocks)) if t)
+        rest = {k: v for k, v in msg.items() if k not in ("tool_calls", "function_call", "content")}
+        out.append({**rest, "content": _with_parts(text, other)})
+    flush()
+    return out
+
+
+# -- Reading calls out of the model's text -----------------------------------------------------
+
+def _held_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker` (0 if none)."""
+    for k in range(min(len(text), len(marker) - 1), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
+def _strip_fence(s: str) -> str | None:
+    """```json ... ``` (or a bare ```) around the JSON -> the JSON; None for any other fence."""
+    nl = s.find("\n")
+    if nl < 0 or s[3:nl].strip().lower() not in ("", "json"):
+        return None
+    s = s[nl + 1:].rstrip()
+    return s[:-3].strip() if s.endswith("```") else None
+
+
+def parse_call_block(inner: str, names: frozenset) -> tuple[str, str] | None:
+    """The text between the tags -> (name, arguments as compact JSON text), or None (stays text)."""
+    s = inner.strip()
+    if s.startswith("```"):
+        s = _strip_fence(s)
+        if s is None:
+            return None
+    try:
+        obj = _loads(s)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    name = obj.get("name")
+    if not isinstance(name, str) or name not in names:
+        return None
+    args = {}
+    for key in ("arguments", "parameters", "input"):     # models borrow other APIs' spellings
+        if key in obj:
+            args = obj[key]
+            break
+    if isinstance(args, str):           # OpenAI's own wire form: the object encoded as a string
+        if not args.strip():
+            args = {}
+        else:
+            try:
+                args = _loads(args)
+            except ValueError:
+                return None
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        return None
+    return name, _dumps(args)
+
+
+class ToolCallReader:
+    """Splits the model's streamed text into ("text", s) and ("tool_call", call) events.
+
+    call = {"id", "name", "arguments": "<compact JSON text>"}. No character of a recognised block
+    ever reaches a text event, whatever the chunking: outside a block only a suffix that could
+    still grow into "<tool_call>" is held back, everything else goes out at once. A block that
+    names an unknown tool, holds invalid JSON, or is never closed (at close(), or because another
+    "<tool_call>" starts first) goes out as text, verbatim, tags included: the user then sees what
+    the model wrote instead of losing it.
+
+    parallel=False (parallel_tool_calls false): only the first valid call is kept; later valid
+    blocks are dropped entirely (neither calls nor text), since the model was told to make one
+    call and the block is not meant for the user. `done` becomes True with that first call, so
+    the caller may stop reading the upstream there.
+    """
+
+    __slots__ = ("names", "id_prefix", "parallel", "pending", "in_block", "parts", "tail", "count",
+                 "closed")
+
+    def __init__(self, names: frozenset, id_prefix: str = "call_", *, parallel: bool = True):
+        self.names, self.id_prefix, self.parallel = frozenset(names), id_prefix, parallel
+        self.pending = ""         # outside a block: at most len(TOOL_OPEN) - 1 held characters
+        self.in_block = False
+        self.parts: list[str] = []  # inside a block: its text so far, as chunks (no quadratic joins)
+        self.tail = ""            # inside a block: the last few characters, to find split tags
+        self.count = 0            # valid calls seen, kept or not
+        self.closed = False
+
+    @property
+    def done(self) -> bool:
+        return not self.parallel and self.count > 0
+
+    def new_id(self) -> str:
+        return self.id_prefix + secrets.token_hex(12)
+
+    def feed(self, text: str) -> list:
+        events: list = []
+        while text:
+            if not self.in_block:
+                buf = self.pending + text
+                text = ""
+                at = buf.find(TOOL_OPEN)
+                if at >= 0:
+                    self._text(events, buf[:at])
+                    self.pending, self.in_block, self.parts, self.tail = "", True, [], ""
+                    text = buf[at + len(TOOL_OPEN):]
+                    continue
+                keep = _held_suffix(buf, TOOL_OPEN)
+                self._text(events, buf[:len(buf) - keep])
+                self.pending = buf[len(buf) - keep:]
+            else:
+                window = self.tail + text
+                close, reopen = window.find(TOOL_CLOSE), window.find(TOOL_OPEN)
+                if close < 0 and reopen < 0:
+                    self.parts.append(text)
+                    self.tail = window[-(len(TOOL_CLOSE) - 1):]
+                    text = ""
+                    continue
+                whole = "".join(self.parts) + text
+                base = len(whole) - len(window)     # where the window starts inside `whole`
+                if close >= 0 and (reopen < 0 or close < reopen):
+                    inner = whole[:base + close]
+                    text = whole[base + close + len(TOOL_CLOSE):]
+                    self._block(events, inner)
+                else:                   # a new block starts before this one closed: abandon it
+                    self._text(events, TOOL_OPEN + whole[:base + reopen])
+                    text = whole[base + reopen:]
+                self.in_block, self.parts, self.tail = False, [], ""
+        return events
+
+    def close(self) -> list:
+        """End of the answer: whatever is held back goes out as text."""
+        events: list = []
+        if not self.closed:
+            self.closed = True
+            if self.in_block:
+                self._text(events, TOOL_OPEN + "".join(self.parts))
+            else:
+                self._text(events, self.pending)
+            self.pending, self.in_block, self.parts, self.tail = "", False, [], ""
+        return events
+
+    def _text(self, events: list, s: str) -> None:
+        if not s:
+            return
+        if events and events[-1][0] == "text":
+            events[-1] = ("text", events[-1][1] + s)
+        else:
+            events.append(("text", s))
+
+    def _block(self, events: list, inner: str) -> None:
+        parsed = parse_call_block(inner, self.names)
+        if parsed is None:
+            self._text(events, TOOL_OPEN + inner + TOOL_CLOSE)
+            return
+        self.count += 1
+        if self.parallel or self.count == 1:
+            events.append(("tool_call", {"id": self.new_id(), "name": parsed[0],
+                                         "arguments": parsed[1]}))
+
+
+# -- OpenAI output -----------------------------------------------------------------------------
+
+def openai_tool_call_delta(index: int, call: dict) -> list[dict]:
+    """The `delta.tool_calls` items for one call: id and name first, then the arguments."""
+    return [{"index": index, "id": call["id"], "type": "function",
+             "function": {"name": call["name"], "arguments": ""}},
+            {"index": index, "function": {"arguments": call["arguments"]}}]
+
+
+def openai_tool_call_chunks(fmt, index: int, call: dict) -> str:
+    """Both deltas of one call as SSE chunk text, reusing a bridge ChunkFormatter's rendered head."""
+    return "".join(fmt.head + '"tool_calls":[' + _dumps(d) + ']},"finish_reason":null}]}\n\n'
+                   for d in openai_tool_call_delta(index, call))
+
+
+def openai_message_tool_calls(calls: list) -> list:
+    """`message.tool_calls` of a non-streaming answer."""
+    return [{"id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+
+
+# -- Anthropic Messages API: request -----------------------------------------------------------
+
+def _anthropic_text(value, field: str) -> str:
+    """A string, or a list of text blocks (system prompts, tool results, document content)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _bad(f"{field}: must be a string or an array of text blocks (got {_describe(value)}).")
+    texts = []
+    for j, block in enumerate(value):
+        if not isinstance(block, dict) or block.get("type") != "text":
+            raise _bad(f"{field}.{j}: must be a text block ({{\"type\": \"text\", \"text\": ...}}).")
+        if not isinstance(block.get("text"), str):
+            raise _bad(f"{field}.{j}.text: must be a string.")
+        texts.append(block["text"])
+    return "\n\n".join(t for t in texts if t)
+
+
+def _anthropic_image(block: dict, field: str) -> dict:
+    src = block.get("source")
+    if not isinstance(src, dict):
+        raise _bad(f"{field}.source: must be an object.")
+    kind = src.get("type")
+    if kind == "base64":
+        mime, data = src.get("media_type"), src.get("data")
+        if not isinstance(mime, str) or not mime:
+            raise _bad(f"{field}.source.media_type: must be a string such as \"image/png\".")
+        if not isinstance(data, str):
+            raise _bad(f"{field}.source.data: must be a base64 string.")
+        return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
+    if kind == "url":
+        url = src.get("url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise _bad(f"{field}.source.url: must be an http(s) URL.")
+        return {"type": "image_url", "image_url": {"url": url}}
+    raise _bad(f"{field}.source.type: {kind!r} is not supported (use \"base64\" or \"url\").")
+
+
+def _anthropic_document(block: dict, field: str, number: int) -> dict:
+    src = block.get("source")
+    if not isinstance(src, dict):
+        raise _bad(f"{field}.source: must be an object.")
+    title = block.get("title")
+    title = title if isinstance(title, str) and title.strip() else None
+    kind = src.get("type")
+    if kind == "base64":
+        mime, data = src.get("media_type") or "application/pdf", src.get("data")
+        if not isinstance(mime, str):
+            raise _bad(f"{field}.source.media_type: must be a string such as \"application/pdf\".")
+        if not isinstance(data, str):
+            raise _bad(f"{field}.source.data: must be a base64 string.")
+        ext = ".pdf" if mime == "application/pdf" else (mimetypes.guess_extension(mime) or ".bin")
+        # LMArena shows the file name; a title without an extension would hide the file's type.
+        name = (title if "." in title else title + ext) if title else f"document_{number}{ext}"
+        return {"type": "file", "file": {"file_data": f"data:{mime};base64,{data}",
+                                         "filename": name}}
+    if kind in ("text", "content"):
+        if kind == "text":
+            text = src.get("data")
+            if not isinstance(text, str):
+                raise _bad(f"{field}.source.data: must be a string.")
+        else:
+            text = _anthropic_text(src.get("content"), f"{field}.source.content")
+        return {"type": "text", "text": f"{title}\n\n{text}" if title else text}
+    raise _bad(f"{field}.source.type: {kind!r} is not supported through LMArena (send documents as "
+               "\"base64\" or \"text\").")
+
+
+def _anthropic_tool_result(block: dict, field: str) -> dict:
+    call_id = block.get("tool_use_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise _bad(f"{field}.tool_use_id: must be a string.")
+    content = block.get("content")
+    texts, parts = [], []
+    if content is None:
+        pass
+    elif isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for j, inner in enumerate(content):
+            sub = f"{field}.content.{j}"
+            kind = inner.get("type") if isinstance(inner, dict) else None
+            if kind == "text":
+                if not isinstance(inner.get("text"), str):
+                    raise _bad(f"{sub}.text: must be a string.")
+                texts.append(inner["text"])
+            elif kind == "image":
+                parts.append(_anthropic_image(inner, sub))
+            elif kind == "document":
+                doc = _anthropic_document(inner, sub, j + 1)
+                if doc["type"] == "text":
+                    texts.append(doc["text"])
+                else:
+                    parts.append(doc)
+            else:
+                raise _bad(f"{sub}.type: {kind!r} is not supported in a tool_result (use text, "
+                           "image or document).")
+    else:
+        raise _bad(f"{field}.content: must be a string or an array of blocks.")
+    text = "\n\n".join(t for t in texts if t)
+    if block.get("is_error") is True:
+        text = "Error: " + text
+    return {"role": "tool", "tool_call_id": call_id,
+            "content": [{"type": "text", "text": text}] + parts if parts else text}
+
+
+def anthropic_to_openai(body: dict, *, require_max_tokens: bool = True) -> dict:
+    """A /v1/messages request -> an OpenAI chat request the bridge already serves.
+
+    Errors name fields the way Anthropic does ("messages.1.content.0.source: ..."), so Anthropic
+    client authors recognise them. require_max_tokens=False serves /v1/messages/count_tokens,
+    whose requests carry no max_tokens.
+    """
+    if not isinstance(body, dict):
+        raise _bad("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model: Field required (a model name from GET /v1/models).")
+    out: dict = {"model": model}
+    if "max_tokens" in body or require_max_tokens:
+        mt = body.get("max_tokens")
+        if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
+            raise _bad("max_tokens: Field required, a positive integer." if mt is None else
+                       f"max_tokens: must be a positive integer (got {mt!r}).")
+        out["max_tokens"] = mt      # passed on; LMArena has no such limit, the bridge ignores it
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("stream: must be true or false.")
+    out["stream"] = stream
+
+    messages: list = []
+    system = body.get("system")
+    if system is not None:
+        text = _anthropic_text(system, "system")
+        if text:
+            messages.append({"role": "system", "content": text})
+
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise _bad("messages: must be a non-empty array.")
+    documents = 0
+    for i, msg in enumerate(raw):
+        field = f"messages.{i}"
+        if not isinstance(msg, dict):
+            raise _bad(f"{field}: must be an object with 'role' and 'content'.")
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ("user", "assistant"):
+            raise _bad(f"{field}.role: must be \"user\" or \"assistant\" (got {role!r}; the system "
+                       "prompt goes in the top-level 'system' field).")
+        if isinstance(content, str):
+            messages.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise _bad(f"{field}.content: must be a string or an array of content blocks.")
+        parts, calls, results = [], [], []
+        for j, block in enumerate(content):
+            sub = f"{field}.content.{j}"
+            kind = block.get("type") if isinstance(block, dict) else None
+            if not isinstance(block, dict):
+                raise _bad(f"{sub}: must be an object with a 'type'.")
+            if kind == "text":
+                if not isinstance(block.get("text"), str):
+                    raise _bad(f"{sub}.text: must be a string.")
+                parts.append({"type": "text", "text": block["text"]})
+            elif kind in ("thinking", "redacted_thinking"):
+                continue            # earlier reasoning is not shown again (and cannot be verified)
+            elif kind == "image" and role == "user":
+                parts.append(_anthropic_image(block, sub))
+            elif kind == "document" and role == "user":
+                documents += 1
+                parts.append(_anthropic_document(block, sub, documents))
+            elif kind == "tool_use" and role == "assistant":
+                call_id, name, inp = block.get("id"), block.get("name"), block.get("input", {})
+                if not isinstance(call_id, str) or not call_id:
+                    raise _bad(f"{sub}.id: must be a string.")
+                if not isinstance(name, str) or not name:
+                    raise _bad(f"{sub}.name: must be a string.")
+                if not isinstance(inp, dict):
+                    raise _bad(f"{sub}.input: must be an object.")
+                calls.append({"id": call_id, "type": "function",
+                              "function": {"name": name,
+                                           "arguments": json.dumps(inp, ensure_ascii=False)}})
+            elif kind == "tool_result" and role == "user":
+                results.append(_anthropic_tool_result(block, sub))
+            else:
+                raise _bad(f"{sub}.type: {kind!r} blocks are not supported in {role} messages.")
+        # Tool results answer the previous assistant turn, so they go first (Anthropic requires
+        # them first in the message anyway); any other blocks follow as one user message.
+        messages.extend(results)
+        if role == "assistant":
+            text = "\n\n".join(p["text"] for p in parts if p["text"]) if len(parts) > 1 else (
+                parts[0]["text"] if parts else "")
+            if calls:
+                messages.append({"role": "assistant", "content": text or None, "tool_calls": calls})
+            elif parts or not content:
+                messages.append({"role": "assistant", "content": text})
+            # an assistant turn of thinking blocks only adds nothing
+        elif parts or not (content or results):
+            messages.append({"role": "user", "content": parts})
+
+    tools = body.get("tools")
+    names: set = set()
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _bad("tools: must be an array.")
+        converted = []
+        for i, tool in enumerate(tools):
+            field = f"tools.{i}"
+            if not isinstance(tool, dict):
+                raise _bad(f"{field}: must be an object with 'name' and 'input_schema'.")
+            kind = tool.get("type")
+            schema = tool.get("input_schema")
+            if kind not in (None, "custom") and schema is None:
+                raise _bad(f"{field}.type: {kind!r} is a server tool Anthropic runs itself; it is "
+                           "not available through LMArena.")
+            name = tool.get("name")
+            if not isinstance(name, str) or not _TOOL_NAME_RE.match(name):
+                raise _bad(f"{field}.name: must be 1 to 64 letters, digits, '_', '.' or '-' "
+                           f"(got {name!r}).")
+            if not isinstance(schema, dict):
+                raise _bad(f"{field}.input_schema: must be a JSON Schema object.")
+            desc = tool.get("description", "")
+            if desc is not None and not isinstance(desc, str):
+                raise _bad(f"{field}.description: must be a string.")
+            names.add(name)
+            converted.append({"type": "function", "function": {"name": name,
+                                                               "description": desc or "",
+                                                               "parameters": schema}})
+        if converted:
+            out["tools"] = converted
+
+    choice = body.get("tool_choice")
+    parallel = True
+    if choice is not None:
+        if not isinstance(choice, dict):
+            raise _bad("tool_choice: must be an object such as {\"type\": \"auto\"}.")
+        kind = choice.get("type")
+        if kind == "auto":
+            out["tool_choice"] = "auto"
+        elif kind == "any":
+            out["tool_choice"] = "required"
+        elif kind == "none":
+            out["tool_choice"] = "none"
+        elif kind == "tool":
+            name = choice.get("name")
+            if not isinstance(name, str) or name not in names:
+                raise _bad(f"tool_choice.name: {name!r} is not one of the request's tools.")
+            out["tool_choice"] = {"type": "function", "function": {"name": name}}
+        else:
+            raise _bad(f"tool_choice.type: must be \"auto\", \"any\", \"tool\" or \"none\" "
+                       f"(got {kind!r}).")
+        if choice.get("disable_parallel_tool_use") is True:
+            parallel = False
+    if body.get("disable_parallel_tool_use") is True:   # lenient: some clients put it at top level
+        parallel = False
+    if not parallel:
+        out["parallel_tool_calls"] = False
+
+    stops = body.get("stop_sequences")
+    if stops is not None:
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise _bad("stop_sequences: must be an array of strings.")
+        stops = [s for s in stops if s]
+        if stops:
+            out["stop"] = stops
+    out["messages"] = messages
+    return out
+
+
+def count_input_tokens(body: dict) -> int:
+    """Rough input tokens of a /v1/messages (or count_tokens) body, the bridge's chars/4 rule.
+
+    Counted over what the bridge would send: the tool instructions, the history with calls and
+    results as text, and a flat _ATTACHMENT_TOKENS per image or file.
+    """
+    data = anthropic_to_openai(body, require_max_tokens=False)
+    chars, attachments = 0, 0
+    spec = parse_tools(data)
+    if spec is not None:
+        chars += len(tool_prompt(spec))
+    for msg in tool_history_text(data["messages"]):
+        content = msg.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if part.get("type") == "text":
+                    chars += len(part.get("text") or "")
+                else:
+                    attachments += 1
+    return (chars + 3) // 4 + attachments * _ATTACHMENT_TOKENS
+
+
+# -- Anthropic Messages API: answers -----------------------------------------------------------
+
+_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                          403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                          429: "rate_limit_error", 500: "api_error", 502: "api_error",
+                          504: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_type(status: int) -> str:
+    return _ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500
+                                      else "api_error")
+
+
+def anthropic_error_body(err: ApiError) -> dict:
+    return {"type": "error", "error": {"type": anthropic_error_type(err.status),
+                                       "message": err.message}}
+
+
+def anthropic_stop_reason(openai_finish: str | None, stop_sequence: str | None = None) -> str:
+    """OpenAI finish_reason -> Anthropic stop_reason ("stop_sequence" whenever one was hit)."""
+    if stop_sequence is not None:
+        return "stop_sequence"
+    # content_filter: Anthropic's newer "refusal" is unknown to older clients; end_turn is safe.
+    return {"length": "max_tokens", "tool_calls": "tool_use"}.get(openai_finish or "", "end_turn")
+
+
+def anthropic_tool_id(call_id: str) -> str:
+    """Anthropic ids start with "toolu_"; a reader made with id_prefix="toolu_" needs no change."""
+    return call_id if call_id.startswith("toolu_") else "toolu_" + call_id.removeprefix("call_")
+
+
+class StopSequenceFilter:
+    """Cuts the answer at the first stop sequence, across chunk boundaries.
+
+    feed(text) -> (text to emit now, the stop sequence hit or None). Only a suffix that could be
+    the start of a stop sequence is held back. "First" means the one whose end comes first (what
+    a model stopping token by token would do; ties go to the one starting earlier), which makes
+    the result the same however the text is split. After a hit everything else is dropped.
+    """
+
+    __slots__ = ("stops", "held", "hit")
+
+    def __init__(self, stops):
+        self.stops = tuple(s for s in (stops or ()) if s)
+        self.held = ""
+        self.hit: str | None = None
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        if self.hit is not None:
+            return "", None
+        if not self.stops:
+            return text, None
+        buf = self.held + text
+        best = None                                 # (end, start, stop)
+        for stop in self.stops:
+            at = buf.find(stop)
+            if at >= 0:
+                cand = (at + len(stop), at, stop)
+                if best is None or cand[:2] < best[:2]:
+                    best = cand
+        if best is not None:
+            self.hit, self.held = best[2], ""
+            return buf[:best[1]], best[2]
+        keep = max(_held_suffix(buf, stop) for stop in self.stops)
+        self.held = buf[len(buf) - keep:]
+        return buf[:len(buf) - keep], None
+
+    def close(self) -> str:
+        rest, self.held = self.held, ""
+        return "" if self.hit is not None else rest
+
+
+class AnthropicEvents:
+    """Renders a streamed Anthropic answer as SSE text (`event: <type>` + `data: <JSON>`).
+
+    Blocks are opened on demand and numbered from 0 in order: text and thinking are extended
+    while they stay the open block; switching kinds closes the open block first; a tool_use block
+    is complete in one go (start, one input_json_delta, stop).
+    """
+
+    __slots__ = ("message_id", "model", "input_tokens", "index", "open")
+
+    def __init__(self, message_id: str, model: str, input_tokens: int):
+        self.message_id, self.model, self.input_tokens = message_id, model, input_tokens
+        self.index = -1           # the index of the last block opened
+        self.open: str | None = None  # "text" | "thinking" while a block is open
+
+    @staticmethod
+    def event(obj: dict) -> str:
+        return f"event: {obj['type']}\ndata: {_dumps(obj)}\n\n"
+
+    def start(self) -> str:
+        return self.event({"type": "message_start", "message": {
+            "id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": self.input_tokens, "output_tokens": 0}}})
+
+    def _close(self) -> str:
+        if self.open is None:
+            return ""
+        self.open = None
+        return self.event({"type": "content_block_stop", "index": self.index})
+
+    def _open(self, block: dict) -> str:
+        out = self._close()
+        self.index += 1
+        self.open = block["type"]
+        return out + self.event({"type": "content_block_start", "index": self.index,
+                                 "content_block": block})
+
+    def text(self, s: str) -> str:
+        if not s:
+            return ""
+        out = "" if self.open == "text" else self._open({"type": "text", "text": ""})
+        return out + self.event({"type": "content_block_delta", "index": self.index,
+                                 "delta": {"type": "text_delta", "text": s}})
+
+    def thinking(self, s: str) -> str:
+        if not s:
+            return ""
+        out = "" if self.open == "thinking" else self._open(
+            {"type": "thinking", "thinking": "", "signature": ""})
+        return out + self.event({"type": "content_block_delta", "index": self.index,
+                                 "delta": {"type": "thinking_delta", "thinking": s}})
+
+    def tool_use(self, call: dict) -> str:
+        out = self._open({"type": "tool_use", "id": anthropic_tool_id(call["id"]),
+                          "name": call["name"], "input": {}})
+        out += self.event({"type": "content_block_delta", "index": self.index,
+                           "delta": {"type": "input_json_delta", "partial_json": call["arguments"]}})
+        self.open = None
+        return out + self.event({"type": "content_block_stop", "index": self.index})
+
+    def finish(self, stop_reason: str, stop_sequence: str | None, output_tokens: int) -> str:
+        return (self._close()
+                + self.event({"type": "message_delta",
+                              "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                              "usage": {"output_tokens": output_tokens}})
+                + self.event({"type": "message_stop"}))
+
+    def ping(self) -> str:
+        return self.event({"type": "ping"})
+
+    @staticmethod
+    def error(err: ApiError) -> str:
+        return AnthropicEvents.event(anthropic_error_body(err))
+
+
+def anthropic_message(message_id: str, model: str, text: str, thinking: str, calls: list,
+                      stop_reason: str, stop_sequence: str | None, input_tokens: int,
+                      output_tokens: int) -> dict:
+    """A non-streaming /v1/messages answer: thinking, then text, then tool_use blocks."""
+    content: list = []
+    if thinking:
+        content.append({"type": "thinking", "thinking": thinking, "signature": ""})
+    if text:
+        content.append({"type": "text", "text": text})
+    for call in calls:
+        content.append({"type": "tool_use", "id": anthropic_tool_id(call["id"]),
+                        "name": call["name"], "input": json.loads(call["arguments"])})
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
+
+
+# 9. Jobs and replies: tab events -> answer events -> what the client gets (pure, no sockets) =========
 
 class Job:
-    """A task relayed to a tab. The tab's reader calls `on_tab_data`; for a live stream the output is
-    written straight to the client's transport (no queue hop per token); the HTTP handler waits on
-    `wake` only for the start, the end and keep-alive ticks."""
+    """One client request's work on the tabs: the task sent to a tab (again, with fresh ids, when an
+    attempt fails before any output and a retry can help), and the answer events it produces.
 
-    __slots__ = ("bridge", "id", "message", "parser", "fmt", "stream", "tab", "retried", "received",
-                 "out", "live", "http10", "content", "reasoning", "images", "completion_chars",
-                 "finish_reason", "usage", "error", "done", "client_gone", "wake", "last_activity",
-                 "last_output", "model", "dispatcher", "tab_name", "flush_timer")
+    It only accumulates: answer events wait in `events` until the request's Reply takes them;
+    `bridge` is told when there is something to take (`dirty`) and when an attempt failed."""
 
-    def __init__(self, bridge: "Bridge", payload: dict, side: str, model: str, stream: bool,
-                 fmt: ChunkFormatter | None):
+    __slots__ = ("bridge", "id", "rid", "model", "plan", "side", "parser", "events", "tab", "tab_name",
+                 "attempt", "received", "output", "done", "error", "finish_reason", "usage",
+                 "client_gone", "wake", "last_activity", "dispatcher", "completion_chars", "limit",
+                 "stages", "message", "cooled", "sink", "images")
+
+    def __init__(self, bridge, model: str, plan, side: str = "a", limit: int = 64 * 2**20):
         self.bridge = bridge
         self.id = str(uuid.uuid4())
-        self.message = json.dumps({"request_id": self.id, "payload": payload}, ensure_ascii=False)
+        self.rid = self.id                      # request id of the current attempt
+        self.model, self.plan, self.side, self.limit = model, plan, side, limit
         self.parser = ArenaStreamParser(side)
-        self.fmt, self.stream, self.model = fmt, stream, model
-        self.tab: Tab | None = None
+        self.events: list = []
+        self.tab = None
         self.tab_name = "-"
-        self.retried = self.received = self.done = self.client_gone = False
-        self.out: list[str] = []
-        self.live = None                       # the client's transport once the stream head is out
-        self.http10 = False
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-        self.images: list[str] = []
-        self.completion_chars = 0
+        self.attempt = 0
+        self.received = self.output = self.done = self.client_gone = False
+        self.error: ApiError | None = None
         self.finish_reason = "stop"
         self.usage = None
-        self.error: ApiError | None = None
+        self.completion_chars = 0
         self.wake = asyncio.Event()
-        self.last_activity = self.last_output = time.monotonic()
-        self.dispatcher: asyncio.Task | None = None
-        self.flush_timer: asyncio.TimerHandle | None = None
+        self.last_activity = time.monotonic()
+        self.dispatcher = None
+        self.stages: dict[str, float] = {"start": time.monotonic()}
+        self.message = plan.task_message(self.rid, {}) if plan is not None else ""
+        self.cooled: set = set()                # tabs that refused this job (429, reCAPTCHA)
+        self.sink = None                        # set by a streaming route: takes events as they come
+        self.images: list = []                  # image events (for /v1/images/generations)
 
     # -- from the tab --
     def on_tab_data(self, data) -> None:
@@ -1254,98 +2580,71 @@ class Job:
         self.last_activity = time.monotonic()
         if not self.received:
             self.received = True
+            self.stages.setdefault("first_byte", self.last_activity)
             self.wake.set()
         if type(data) is str:
-            # Fast path: one whole text-delta line of our side (what most tab messages are).
-            p = self.parser
-            if data[-1:] == "\n" and data[1:4] == '0:"' and data[0] == p.side and not p.pending \
-                    and data.find("\n") == len(data) - 1:
-                literal = data[3:-1]
-                try:
-                    text, end = _scan_json_string(literal, 1)
-                except ValueError:
-                    end = -1
-                if end == len(literal) and text and text != "hasArenaError":
-                    self._emit(text, literal)
-                    return
             if data == "[DONE]":
-                self._events(self.parser.close())
+                self._take(self.parser.close())
                 if not self.done:
                     self.complete()
             else:
-                self._events(self.parser.feed(data))
+                self._take(self.parser.feed(data))
         elif isinstance(data, dict) and "error" in data:
-            err = classify_upstream_error(data.get("error") or "unknown error", _int_or_none(data.get("status")),
-                                          data.get("retry_after"))
-            self.bridge.note_upstream_error(self.tab, err)
-            self.fail(err, tell_tab=False)
+            self.on_error(tab_error(data))
         else:
             log.debug("task %s: unexpected data of type %s ignored", self.id[:8], type(data).__name__)
 
-    def _events(self, events: list) -> None:
+    def on_stage(self, name: str) -> None:
+        if name in ("token_ready", "upstream_headers"):
+            self.stages.setdefault(name, time.monotonic())
+
+    def _take(self, events: list) -> None:
         for ev in events:
             kind = ev[0]
-            if kind == "text":
-                if not self._emit(ev[2], ev[1]):
-                    return
-            elif kind == "reasoning":
-                if self.stream:
-                    self.out.append(self.fmt.reasoning(json.dumps(ev[1], ensure_ascii=False)))
-                    self.bridge.dirty.add(self)
-                else:
-                    self.reasoning.append(ev[1])
-            elif kind == "image":
-                md = ("\n\n" if self.images or self.completion_chars else "") + image_markdown(ev[1])
-                self.images.append(ev[1])
-                if not self._emit(md):
-                    return
-            elif kind == "finish":
+            if kind == "error":
+                self.on_error(ev[1])
+                return
+            if kind == "finish":
                 self.finish_reason, self.usage = ev[1], ev[2]
                 self.complete()
                 return
-            elif kind == "error":
-                self.bridge.note_upstream_error(self.tab, ev[1])
-                self.fail(ev[1])
-                return
-
-    def _emit(self, text: str, literal: str | None = None) -> bool:
-        """Add answer text (`literal`: its JSON string literal, when LMArena sent one); False when
-        that ended the job (a non-streaming answer is held in memory, up to MAX_ANSWER_CHARS)."""
-        self.completion_chars += len(text)
-        if self.stream:
-            self.out.append(self.fmt.content(literal or json.dumps(text, ensure_ascii=False)))
+            if kind == "image":
+                self.images.append(ev)
+                ev = ("text", None, ("\n\n" if self.completion_chars else "") + image_markdown(ev[1]))
+            if kind != "reasoning":
+                self.completion_chars += len(ev[2])
+                if self.completion_chars > self.limit:
+                    self.fail(ApiError(502, f"The answer is larger than the bridge keeps ({self.limit} "
+                                       "characters, max_answer_chars).", "upstream_error"))
+                    return
+            self.events.append(ev)
+            if not self.output:
+                self.output = True
+                self.stages.setdefault("first_token", time.monotonic())
+        if events:
             self.bridge.dirty.add(self)
-            return True
-        self.content.append(text)
-        if self.completion_chars > MAX_ANSWER_CHARS:
-            self.fail(ApiError(502, f"The answer is larger than the bridge keeps in memory ({MAX_ANSWER_CHARS} "
-                               "characters); use stream=true.", "upstream_error"))
-            return False
-        return True
 
-    def flush(self) -> None:
-        """Write pending stream output to the client (called once per batch of tab messages).
-        Tokens that arrive within FLUSH_INTERVAL of the last write wait for the rest of it, so a
-        burst becomes one chunk instead of thousands (real tokens come slower and go out at once)."""
-        live = self.live
-        if live is None or not self.out or self.flush_timer is not None:
+    def on_error(self, err: ApiError) -> None:
+        """An attempt failed: the bridge may retry it (before any output), else the job fails."""
+        if self.done:
             return
-        if live.is_closing():
-            self.on_client_gone()
+        if self.output:
+            self.bridge.note_upstream_error(self.tab, err)
+        elif self.bridge.retry_job(self, err):
             return
-        wait = self.last_output + FLUSH_INTERVAL - time.monotonic()
-        if wait > 0:
-            self.flush_timer = asyncio.get_running_loop().call_later(wait, self._timed_flush)
-            return
-        data = "".join(self.out).encode()
-        self.out.clear()
-        live.write(data if self.http10 else b"%x\r\n%b\r\n" % (len(data), data))
-        self.last_output = time.monotonic()
-        if live.get_write_buffer_size() > MAX_PENDING_OUTPUT:
-            # The client stopped reading: memory stays bounded, the tab stops working for nobody.
-            log.warning("task %s: client is not reading; dropping it", self.id[:8])
-            self.on_client_gone()
-            live.abort()
+        self.fail(err, tell_tab=False)
+
+    def take(self) -> list:
+        events, self.events = self.events, []
+        return events
+
+    def next_attempt(self, flags: dict) -> None:
+        """Rebuild the task with fresh ids for another attempt (the old one is over)."""
+        self.attempt += 1
+        self.rid = f"{self.id}.{self.attempt}"
+        self.parser = ArenaStreamParser(self.side)
+        self.received = False
+        self.message = self.plan.task_message(self.rid, flags)
 
     def idle_left(self, timeout: float, now: float) -> float:
         """Seconds left before stream_response_timeout_seconds; at 0 the job fails with 504."""
@@ -1357,16 +2656,12 @@ class Job:
                                "(stream_response_timeout_seconds).", "upstream_timeout"))
         return left
 
-    def _timed_flush(self) -> None:
-        self.flush_timer = None
-        self.flush()
-
     # -- endings --
     def complete(self) -> None:
         if self.done:
             return
         if self.parser.citations:
-            self._emit(citations_markdown(self.parser.citations))
+            self._take([("text", None, citations_markdown(self.parser.citations))])
         self._end()
 
     def fail(self, err: ApiError, tell_tab: bool = True) -> None:
@@ -1374,70 +2669,423 @@ class Job:
             return
         self.error = err
         if tell_tab and self.tab is not None:
-            self.tab.send({"command": "abort", "request_id": self.id})
+            self.tab.abort(self.rid)
         self._end()
 
+    def stop_early(self) -> None:
+        """The answer is complete on our side (a stop sequence): stop the tab, end normally."""
+        if not self.done:
+            if self.tab is not None:
+                self.tab.abort(self.rid)
+            self.finish_reason = "stop"
+            self._end()
+
     def on_client_gone(self) -> None:
-        if self.done:
-            self.client_gone = True
-            return
         self.client_gone = True
+        if self.done:
+            return
         if self.tab is not None:
-            self.tab.send({"command": "abort", "request_id": self.id})
+            self.tab.abort(self.rid)
         self._end()
 
     def _end(self) -> None:
         self.done = True
-        if self.flush_timer is not None:      # the handler writes what is left with the ending
-            self.flush_timer.cancel()
-            self.flush_timer = None
+        self.stages.setdefault("end", time.monotonic())
         if self.tab is not None:
-            self.tab.jobs.pop(self.id, None)
+            self.tab.jobs.pop(self.rid, None)
         if self.dispatcher is not None and not self.dispatcher.done():
             self.dispatcher.cancel()
-        self.bridge.jobs.pop(self.id, None)
+        self.bridge.job_ended(self)
         self.wake.set()
 
 
-def _int_or_none(v):
+class Reply:
+    """Answer events -> one API's output: stream text while streaming, or the collected answer.
+    Text passes the stop-sequence filter, then (with tools) the tool-call reader, so no part of a
+    <tool_call> block leaks as text; subclasses only say how text, reasoning and calls look."""
+
+    id_prefix = "call_"
+
+    def __init__(self, model: str, stream: bool, prompt_chars: int, tools=None, stop=None):
+        self.model, self.stream, self.prompt_chars = model, stream, prompt_chars
+        self.reader = ToolCallReader(tools.names, self.id_prefix, parallel=tools.parallel) if tools else None
+        self.stopper = StopSequenceFilter(stop) if stop else None
+        self.stop_hit: str | None = None
+        self.on_stop = None                     # called once when a stop sequence ends the answer
+        self.texts: list[str] = []
+        self.thoughts: list[str] = []
+        self.calls: list[dict] = []
+        self.answer = hashlib.sha256()          # of the text returned: the continuation key
+
+    def render(self, events: list) -> str:
+        out: list[str] = []
+        for ev in events:
+            if ev[0] == "text":
+                self._text(ev[2], ev[1], out)
+            elif ev[0] == "reasoning" and self.stop_hit is None:
+                if self.stream:
+                    out.append(self.fmt_reasoning(ev[1]))
+                else:
+                    self.thoughts.append(ev[1])
+        return "".join(out)
+
+    def _text(self, text: str, literal: str | None, out: list) -> None:
+        if self.stopper is not None:
+            if self.stop_hit is not None:
+                return
+            cut, hit = self.stopper.feed(text)
+            if cut != text:
+                text, literal = cut, None
+            if hit is not None:
+                self.stop_hit = hit
+                if self.on_stop is not None:
+                    self.on_stop()
+        if self.reader is None:
+            self._emit(text, literal, out)
+            return
+        for ev in self.reader.feed(text):
+            if ev[0] == "text":
+                self._emit(ev[1], None, out)
+            else:
+                self.calls.append(ev[1])
+                if self.stream:
+                    out.append(self.fmt_call(len(self.calls) - 1, ev[1]))
+
+    def _emit(self, text: str, literal: str | None, out: list) -> None:
+        if not text:
+            return
+        self.answer.update(wire_bytes(text))
+        if self.stream:
+            out.append(self.fmt_text(text, literal))
+        else:
+            self.texts.append(text)
+
+    def _held(self, out: list) -> None:
+        """The end of the answer: text held back in case it began a stop sequence or a block."""
+        if self.stopper is not None:
+            rest = self.stopper.close()
+            self.stopper = None
+            if rest:
+                self._text(rest, None, out)
+        if self.reader is not None:
+            for ev in self.reader.close():
+                self._emit(ev[1], None, out)
+            self.reader = None
+
+    def finish_reason(self, job: "Job") -> str:
+        return "tool_calls" if self.calls else ("stop" if self.stop_hit else job.finish_reason)
+
+    def closing(self, job: "Job") -> str:
+        out: list[str] = []
+        if not job.error:
+            self._held(out)
+        out.append(self.fmt_end(job))
+        return "".join(out)
+
+    def answer_key(self) -> str:
+        """What a client will send back as this answer, for the continuation memory."""
+        return answer_fingerprint(self.answer.hexdigest(), self.calls)
+
+    def headers(self) -> list:
+        return []
+
+
+class OpenAIReply(Reply):
+    """OpenAI's `chat.completion` (or its chunks, reusing LMArena's JSON string literals)."""
+
+    def __init__(self, model: str, stream: bool, include_usage: bool, prompt_chars: int, tools=None, stop=None):
+        super().__init__(model, stream, prompt_chars, tools, stop)
+        self.include_usage = include_usage
+        self.cid = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.fmt = ChunkFormatter(self.cid, model, self.created)
+
+    def opening(self) -> str:
+        return self.fmt.role()
+
+    def fmt_text(self, text: str, literal: str | None) -> str:
+        return self.fmt.content(literal or json_text(text))
+
+    def fmt_reasoning(self, text: str) -> str:
+        return self.fmt.reasoning(json_text(text))
+
+    def fmt_call(self, index: int, call: dict) -> str:
+        return "".join(self.fmt.tool_calls([d]) for d in openai_tool_call_delta(index, call))
+
+    def fmt_end(self, job: "Job") -> str:
+        if job.error:
+            return sse_event(job.error.body()) + "data: [DONE]\n\n"
+        out = self.fmt.finish(self.finish_reason(job))
+        if self.include_usage:
+            out += self.fmt.usage(usage_object(self.prompt_chars, job.completion_chars, job.usage))
+        return out + "data: [DONE]\n\n"
+
+    def body(self, job: "Job") -> dict:
+        self._held([])
+        usage = usage_object(self.prompt_chars, job.completion_chars, job.usage)
+        return completion_body(self.cid, self.model, self.created, "".join(self.texts),
+                               "".join(self.thoughts), self.finish_reason(job), usage,
+                               openai_message_tool_calls(self.calls) if self.calls else None)
+
+
+class AnthropicReply(Reply):
+    """Anthropic's Messages API answer, or its event stream (section 3 of PROTOCOL.md)."""
+
+    id_prefix = "toolu_"
+
+    def __init__(self, model: str, stream: bool, prompt_chars: int, tools=None, stop=None):
+        super().__init__(model, stream, prompt_chars, tools, stop)
+        self.mid = f"msg_{uuid.uuid4().hex[:24]}"
+        self.events = AnthropicEvents(self.mid, model, estimate_tokens(prompt_chars))
+
+    def opening(self) -> str:
+        return self.events.start()
+
+    def fmt_text(self, text: str, literal: str | None) -> str:
+        return self.events.text(text)
+
+    def fmt_reasoning(self, text: str) -> str:
+        return self.events.thinking(text)
+
+    def fmt_call(self, index: int, call: dict) -> str:
+        return self.events.tool_use(call)
+
+    def stop_reason(self, job: "Job") -> str:
+        return anthropic_stop_reason(self.finish_reason(job), self.stop_hit)
+
+    def output_tokens(self, job: "Job") -> int:
+        return usage_object(self.prompt_chars, job.completion_chars, job.usage)["completion_tokens"]
+
+    def fmt_end(self, job: "Job") -> str:
+        if job.error:
+            return AnthropicEvents.error(job.error)
+        return self.events.finish(self.stop_reason(job), self.stop_hit, self.output_tokens(job))
+
+    def body(self, job: "Job") -> dict:
+        self._held([])
+        return anthropic_message(self.mid, self.model, "".join(self.texts), "".join(self.thoughts), self.calls,
+                                 self.stop_reason(job), self.stop_hit, estimate_tokens(self.prompt_chars),
+                                 self.output_tokens(job))
+
+    def headers(self) -> list:
+        return [("request-id", "req_" + self.mid[4:])]
+
+
+def answer_fingerprint(content_digest: str, calls: list) -> str:
+    canon = [(c["name"], canonical_arguments(c["arguments"])) for c in calls]
+    return content_digest + ("|" + json_text(canon) if canon else "")
+
+
+def canonical_arguments(arguments) -> str:
     try:
-        return int(v)
-    except (TypeError, ValueError):
-        return None
+        value = json.loads(arguments) if isinstance(arguments, str) else arguments
+        return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    except (ValueError, TypeError):
+        return str(arguments)
 
 
-# 9. The tab link (WebSocket via websockets' Sans-I/O ServerProtocol) ================================
+# -- One chat request, translated (pure) -------------------------------------------------------------
+
+@dataclasses.dataclass(slots=True)
+class ChatRequest:
+    """A validated chat request (OpenAI's, or Anthropic's translated), ready for a TaskPlan."""
+    model: str
+    ref: ModelRef
+    stream: bool
+    include_usage: bool
+    messages: list          # the client's messages (after Anthropic translation), for continuation
+    templates: list         # role/content/attachments per message, tool history as text
+    tools: "ToolSpec | None"
+    tools_prompt: str       # "" without tools
+    stop: list              # stop sequences (honoured on our side)
+    prompt_chars: int
+    fingerprints: list      # one per message: what continuation compares
+
+
+def message_fingerprint(msg) -> str:
+    """What identifies a message for the continuation memory. An assistant message is its text plus
+    its tool calls (arguments canonical), so an answer we returned matches its echo from a client."""
+    if not isinstance(msg, dict):
+        return "?"
+    role, content = msg.get("role"), msg.get("content")
+    if role == "assistant":
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict)
+                              and isinstance(p.get("text"), str))
+        digest = hashlib.sha256(wire_bytes(content if isinstance(content, str) else "")).hexdigest()
+        calls = []
+        for c in msg.get("tool_calls") or ():
+            fn = c.get("function") if isinstance(c, dict) else None
+            if isinstance(fn, dict):
+                calls.append({"name": fn.get("name"), "arguments": fn.get("arguments")})
+        return "assistant|" + answer_fingerprint(digest, calls)
+    rest = {k: v for k, v in msg.items() if k in ("content", "name", "tool_call_id")}
+    return f"{role}|" + hashlib.sha256(wire_bytes(json.dumps(rest, sort_keys=True, ensure_ascii=False))).hexdigest()
+
+
+def chain_digests(head: str, fingerprints: list) -> list[str]:
+    """d[i] identifies the first i messages (and the model and tools, in `head`)."""
+    out = [hashlib.sha256(head.encode()).hexdigest()]
+    for fp in fingerprints:
+        out.append(hashlib.sha256((out[-1] + "\n" + fp).encode()).hexdigest())
+    return out
+
+
+def chat_request(data: dict, cfg: Config, models: dict) -> ChatRequest:
+    """Validate an OpenAI chat request and translate its messages (pure; may run in a thread)."""
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' is required (a name from GET /v1/models).", "invalid_model")
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false.", "invalid_stream")
+    n = data.get("n", 1)
+    if n not in (1, None):
+        raise ApiError(400, "Only n=1 is supported for chat completions.", "invalid_n")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "invalid_messages")
+    if len(messages) > cfg.max_messages:
+        raise ApiError(413, f"{len(messages)} messages is more than this bridge accepts in one request "
+                       f"({cfg.max_messages}, max_messages).", "request_too_large")
+    stop = data.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, "'stop' must be a string or a list of non-empty strings.", "invalid_request_error")
+    tools = parse_tools(data)
+    ref = resolve_model(model, models, cfg.strict_models)
+    plain = tool_history_text(messages)
+    templates = openai_to_templates(plain, tavern=False, bypass=False, is_image=ref.is_image, mode="direct_chat",
+                                    target="A", attachment_limit=cfg.max_attachment_bytes,
+                                    max_messages=cfg.max_messages)
+    include_usage = bool(isinstance(data.get("stream_options"), dict)
+                         and data["stream_options"].get("include_usage"))
+    prompt = tool_prompt(tools) if tools else ""
+    return ChatRequest(model, ref, stream, include_usage, messages, templates, tools, prompt, stop or [],
+                       len(prompt) + sum(len(t["content"]) for t in templates),
+                       [message_fingerprint(m) for m in messages])
+
+
+def tavern_merge(templates: list) -> list:
+    """Tavern mode: every system prompt joined (blank line between) into one, first."""
+    system = [t["content"] for t in templates if t["role"] == "system"]
+    rest = [t for t in templates if t["role"] != "system"]
+    return ([{"role": "system", "content": "\n\n".join(system), "attachments": []}] if system else []) + rest
+
+
+class TaskPlan:
+    """What one job asks of LMArena: a captured session (retry mode), a new conversation, or a
+    follow-up of a remembered one. Rebuilt with fresh ids for every attempt; a follow-up whose
+    attempt failed turns into a new conversation (the whole history folded)."""
+
+    __slots__ = ("chat", "cfg", "session", "followup", "new_turns", "learned", "conversation_id", "created")
+
+    def __init__(self, chat: ChatRequest, cfg: Config, session: SessionChoice | None,
+                 followup=None, new_turns: list | None = None, learned: dict | None = None):
+        self.chat, self.cfg, self.session, self.learned = chat, cfg, session, learned
+        self.followup, self.new_turns = followup, new_turns
+        self.conversation_id: str | None = None     # of the current attempt
+        self.created = False                        # the current attempt starts a conversation
+        limit = cfg.max_prompt_chars
+        if limit:
+            size = len(self.content()[0])
+            if size > limit:
+                raise ApiError(413, f"The prompt is {size} characters; this bridge sends at most {limit} "
+                               "(max_prompt_chars). Shorten the conversation or raise the limit.",
+                               "prompt_too_long")
+
+    def content(self) -> tuple[str, list]:
+        """(content, attachments) of the user turn this attempt sends."""
+        if self.followup is not None:
+            return fold_turns(self.new_turns)
+        chat = self.chat
+        turns = tavern_merge(chat.templates) if self.cfg.tavern_mode_enabled else chat.templates
+        if chat.tools_prompt:
+            turns = [{"role": "system", "content": chat.tools_prompt, "attachments": []}] + turns
+        return fold_turns(turns)
+
+    def task_message(self, rid: str, flags: dict) -> str:
+        chat, cfg = self.chat, self.cfg
+        if flags.get("new_conversation"):
+            self.followup = None
+        if self.session is not None:
+            s = self.session
+            turns = chat.templates
+            if chat.tools_prompt:
+                turns = [{"role": "system", "content": chat.tools_prompt, "attachments": []}] + turns
+            templates = openai_to_templates_positions(turns, tavern=cfg.tavern_mode_enabled,
+                                                      bypass=cfg.bypass_enabled, is_image=chat.ref.is_image,
+                                                      mode=s.mode, target=s.target)
+            request = build_retry_request(templates, s.session_id, s.message_id, chat.ref.id, chat.ref.is_image)
+            ids = (s.session_id, s.message_id)
+        else:
+            content, attachments = self.content()
+            templates = [{"role": "user", "content": content, "attachments": attachments,
+                          "participantPosition": "a"}]
+            request, self.conversation_id = build_evaluation_request(
+                chat.ref, content, attachments, self.followup.id if self.followup else None, self.learned)
+            self.created = self.followup is None
+            ids = (self.conversation_id, None)
+        for flag in ("recaptcha", "rediscover_site_key"):
+            if flags.get(flag):
+                request[flag] = flags[flag]
+        payload = {"message_templates": templates, "target_model_id": chat.ref.id, "session_id": ids[0],
+                   "message_id": ids[1], "is_image_request": chat.ref.is_image, "request": request}
+        return json_text({"request_id": rid, "payload": payload})
+
+
+# 10. The tab link (WebSocket via websockets' Sans-I/O ServerProtocol) ================================
 
 class Tab(asyncio.Protocol):
     """One connected userscript tab: a worker that runs tasks concurrently. After the handshake it
     becomes the socket's protocol, so every read goes straight to the frame parser (no stream
-    reader and no task switch per read: this is the per-token path)."""
+    reader and no task switch per read: this is the per-token path).
+
+    Whatever a tab sends is untrusted: each message is checked field by field, and a bad one is
+    logged and ignored; it never drops the tab or touches other tasks."""
 
     def __init__(self, bridge: "Bridge", proto: ServerProtocol, transport, origin: str, peer):
         self.bridge, self.proto, self.transport = bridge, proto, transport
         self.closed = asyncio.get_running_loop().create_future()
         self.name = f"tab{next(bridge.tab_counter)}"
         self.origin, self.peer = origin, peer
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, Job] = {}          # by request id of the attempt it runs
         self.assigned = 0
-        self.version = None
-        self.url = None
-        self.challenged_until = 0.0     # Cloudflare: not given work until it reloads (or this passes)
+        self.version: str | None = None
+        self.url: str | None = None
+        self.status: dict = {}                  # the tab's last {"type": "status"} report
+        self.last_error: str | None = None
+        self.challenged_until = 0.0             # Cloudflare: no work until it reloads (or this passes)
+        self.cool_until = 0.0                   # after a 429 / reCAPTCHA refusal: resting
         self.refresh_sent = False
         self.last_seen = time.monotonic()
-        self.connected_at = time.time()
+        self.pings = 0
         self.fragments: list[bytes] | None = None
 
-    def send(self, obj) -> None:
-        self.send_text(obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False))
+    # -- to the tab --
+    def send(self, obj) -> bool:
+        return self.send_text(obj if isinstance(obj, str) else json_text(obj))
 
-    def send_text(self, text: str) -> None:
+    def send_text(self, text: str) -> bool:
         if self.proto.state is not WsState.OPEN:
-            return
-        self.proto.send_text(text.encode())
-        self._write_out()
+            return False
+        self.proto.send_text(wire_bytes(text))
+        self.flush()
+        return True
 
-    def _write_out(self) -> None:
+    def abort(self, rid: str) -> None:
+        self.send({"command": "abort", "request_id": rid})
+
+    def ping(self) -> None:
+        if self.proto.state is WsState.OPEN:
+            self.pings += 1
+            self.proto.send_ping(str(self.pings).encode())
+            self.flush()
+
+    def flush(self) -> None:
+        """Write whatever the protocol has to send (frames, pongs, close)."""
         transport = self.transport
         for data in self.proto.data_to_send():
             if transport.is_closing():
@@ -1448,11 +3096,11 @@ class Tab(asyncio.Protocol):
                 with contextlib.suppress(OSError, RuntimeError):
                     transport.write_eof()
 
-    # asyncio.Protocol callbacks
+    # -- asyncio.Protocol callbacks --
     def data_received(self, data: bytes) -> None:
         try:
             self.receive(data)
-        except Exception:
+        except Exception:      # the frame layer itself failed: the link is unusable
             log.exception("%s: failed to handle tab data; dropping the tab", self.name)
             self.transport.abort()
             return
@@ -1461,7 +3109,7 @@ class Tab(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.proto.receive_eof()
-        self._write_out()
+        self.flush()
         return False
 
     def connection_lost(self, exc) -> None:
@@ -1483,55 +3131,68 @@ class Tab(asyncio.Protocol):
                 if frame.fin:
                     data, self.fragments = b"".join(self.fragments), None
                     self.on_message(data)
-        self._write_out()             # pongs and close replies
+        self.flush()                  # pongs and close replies
         self.bridge.flush_dirty()
 
     def on_message(self, raw: bytes) -> None:
         try:
             msg = _json_decode(raw.decode())
-        except ValueError:     # UnicodeDecodeError is a ValueError too
+        except (ValueError, RecursionError):     # UnicodeDecodeError is a ValueError too
             log.debug("%s sent something that is not JSON; ignored", self.name)
             return
         if type(msg) is not dict:
             return
         rid = msg.get("request_id")
-        if rid is not None:
-            job = self.jobs.get(rid)
-            if job is None:
-                log.debug("%s: message for unknown task %.40s ignored", self.name, rid)
-                return
-            try:
-                job.on_tab_data(msg.get("data"))
-            except Exception:     # a bug here must not kill the tab link or the other tasks
-                log.exception("task %s: failed to handle tab data", job.id[:8])
-                job.fail(ApiError(502, "The bridge could not read LMArena's answer.", "upstream_error"))
-            return
         try:
-            self.on_notice(msg)
-        except Exception:         # a malformed report must not take the tab link down
-            log.exception("%s: could not handle a %r message", self.name, msg.get("type"))
+            if rid is None:
+                self.on_notice(msg)
+                return
+            job = self.jobs.get(rid) if type(rid) is str else None
+            if job is None:
+                log.debug("%s: message for unknown task %s ignored", self.name, shown(rid, 60))
+                return
+            if "data" in msg:
+                job.on_tab_data(msg["data"])
+            elif isinstance(msg.get("event"), str):
+                job.on_stage(msg["event"])
+        except Exception:         # a bug here must not kill the tab link or the other tasks
+            log.exception("%s: could not handle a message", self.name)
+            job = self.jobs.get(rid) if type(rid) is str else None
+            if job is not None:
+                job.fail(ApiError(502, "The bridge could not read LMArena's answer.", "upstream_error"))
 
     def on_notice(self, msg: dict) -> None:
         kind = msg.get("type")
         if kind == "hello":
-            self.version, self.url = str(msg.get("version") or "?")[:40], str(msg.get("url") or "")[:300]
-            log.info("%s says hello: userscript %s at %s", self.name, self.version, self.url)
+            version, url = msg.get("version"), msg.get("url")
+            self.version = version[:40] if isinstance(version, str) else "?"
+            self.url = url[:300] if isinstance(url, str) else ""
+            log.info("%s says hello: userscript %s at %s", self.name, shown(self.version), shown(self.url))
+            if version_tuple(self.version) < version_tuple(USERSCRIPT_VERSION):
+                log.warning("%s runs userscript %s; this bridge ships %s: paste the new userscript.js",
+                            self.name, shown(self.version), USERSCRIPT_VERSION)
         elif kind == "ids_captured":
             self.bridge.on_ids_captured(self, msg.get("session_id"), msg.get("message_id"))
         elif kind == "models":
             self.bridge.on_models(self, msg.get("models"))
+        elif kind == "status":
+            self.status = {k: v for k, v in msg.items() if k != "type"}
+            if isinstance(msg.get("last_error"), str):
+                self.last_error = msg["last_error"][:300]
+        elif kind == "request_shape":
+            self.bridge.on_request_shape(self, msg.get("endpoint"), msg.get("body"))
         elif kind == "log":
-            log.debug("%s: %.300s", self.name, msg.get("message"))
+            log.debug("%s: %s", self.name, shown(msg.get("message"), 300))
         else:
-            log.debug("%s: unknown message type %r ignored", self.name, kind)
+            log.debug("%s: unknown message type %s ignored", self.name, shown(kind, 40))
 
     def available(self, now: float) -> bool:
-        return self.proto.state is WsState.OPEN and now >= self.challenged_until
+        return self.proto.state is WsState.OPEN and now >= self.challenged_until and now >= self.cool_until
 
     def close(self, code: int = 1001, reason: str = "") -> None:
         if self.proto.state is WsState.OPEN:
             self.proto.send_close(code, reason)
-            self._write_out()
+            self.flush()
 
 
 def origin_is_lmarena(origin: str) -> bool:
@@ -1575,7 +3236,11 @@ def is_loopback(peer) -> bool:
     return ip.is_loopback
 
 
-# 10. HTTP connection driver (asyncio) ===============================================================
+# 11. HTTP connection driver (asyncio) ===============================================================
+
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TCP_ESTABLISHED = 1
+
 
 class Connection(asyncio.Protocol):
     """One client connection: reads requests under deadlines, answers them in order (pipelining),
@@ -1583,7 +3248,12 @@ class Connection(asyncio.Protocol):
 
     It is the socket's asyncio protocol: bytes land in `buf` as they arrive (pipelined requests
     included), and a client that leaves is noticed at once, also while a job runs (the job is told,
-    and the tab aborts), without a reader task per request."""
+    and the tab aborts), without a reader task per request.
+
+    A client that half-closes after its request (shutdown(SHUT_WR), as some tools do) still gets
+    its answer: HTTP allows it. EOF alone cannot tell that from a client that left, so while a
+    request runs we send one `100 Continue` (RFC 9110 15.2: clients must accept unexpected 1xx) as
+    a probe: a client that is really gone answers it with a reset, noticed at once."""
 
     def __init__(self, bridge: "Bridge"):
         # Per-connection state
@@ -1591,52 +3261,72 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = None
         self.buf = bytearray()
-        self.eof = False              # the client sent EOF or the connection is gone
+        self.eof = False              # the client will send nothing more (half-closed or gone)
+        self.lost = False             # the connection is gone
         self.waiter: asyncio.Future | None = None        # run() waits for bytes
         self.drain_waiter: asyncio.Future | None = None  # run() waits for the client to read
         self.write_paused = False
         self.read_paused = False
+        self.pause_check: asyncio.TimerHandle | None = None
         self.linger = False           # an error answer was sent with Connection: close
         self.busy = False             # a request is being answered (idle ones close at shutdown)
         self.task: asyncio.Task | None = None
         # Per-request state
         self.responded = False
+        self.http11 = True
+        self.probed = False
         self.on_gone = None           # called when the client leaves while a job runs
 
-    # asyncio.Protocol callbacks
+    # -- asyncio.Protocol callbacks --
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
         bridge = self.bridge
-        if bridge.stopping or len(bridge.connections) >= bridge.files.config["max_connections"]:
-            err = ApiError(503, "Too many open connections.", "too_many_connections", retry_after=1)
+        if bridge.stopping or len(bridge.connections) >= bridge.files.config.max_connections:
+            body = json_text(ApiError(503, "Too many open connections.", "too_many_connections").body()).encode()
             transport.write(response_head(503, [("Content-Type", "application/json"), ("Retry-After", "1"),
-                                                ("Content-Length", str(len(json.dumps(err.body())))),
-                                                ("Connection", "close")]) + json.dumps(err.body()).encode())
+                                                ("Content-Length", str(len(body))),
+                                                ("Connection", "close")]) + body)
             transport.close()
             return
         bridge.connections.add(self)
         self.task = asyncio.get_running_loop().create_task(self.run())
+        bridge.track(self.task)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if self.waiter is not None:
             if not self.waiter.done():
                 self.waiter.set_result(None)
-        elif len(self.buf) > self.bridge.files.config["max_head_bytes"] and not self.read_paused:
-            # Nobody is reading (a job runs): keep pipelined bytes, but not without bound.
+        elif len(self.buf) > self.bridge.files.config.max_head_bytes and not self.read_paused:
+            # Nobody is reading (a job runs): keep pipelined bytes, but not without bound. While
+            # paused we cannot see the client leave, so its TCP state is checked meanwhile.
             self.read_paused = True
             self.transport.pause_reading()
+            self._schedule_pause_check()
 
     def eof_received(self) -> bool:
-        self._gone()
-        return False
+        self.eof = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+        if self.on_gone is not None:
+            if self.responded:        # a client does not half-close in the middle of an answer
+                self.gone()
+            elif self.http11 and not self.probed:
+                self.probed = True
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True                   # keep the transport: a half-closed client still reads
 
     def connection_lost(self, exc) -> None:
-        self._gone()
+        self.lost = self.eof = True
+        if self.pause_check is not None:
+            self.pause_check.cancel()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_exception(ConnectionResetError("client went away"))
         self.bridge.connections.discard(self)
+        self.gone()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -1646,13 +3336,48 @@ class Connection(asyncio.Protocol):
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
 
-    def _gone(self) -> None:
-        self.eof = True
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
+    def _schedule_pause_check(self) -> None:
+        self.pause_check = asyncio.get_running_loop().call_later(0.2, self._check_paused)
+
+    def _check_paused(self) -> None:
+        """Reading is paused: if the client has stopped sending (FIN) or reset, read again; what is
+        left is bounded by the kernel's buffer, and EOF or the reset is then seen at once."""
+        self.pause_check = None
+        if not self.read_paused or self.lost:
+            return
+        state = _TCP_ESTABLISHED
+        sock = self.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError, TypeError):
+            if _TCP_INFO is not None and sock is not None:
+                state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 8)[0]
+        if state != _TCP_ESTABLISHED:
+            self.read_paused = False
+            self.transport.resume_reading()
+        else:
+            self._schedule_pause_check()
+
+    def gone(self) -> None:
         if self.on_gone is not None:
             on_gone, self.on_gone = self.on_gone, None
             on_gone()
+
+    def watch(self, on_gone) -> None:
+        """Call `on_gone()` at once if the client leaves while a job runs (None: stop watching)."""
+        self.on_gone = on_gone
+        if on_gone is None:
+            return
+        if self.lost:
+            self.gone()
+        elif self.eof and not self.probed and self.http11:
+            self.probed = True
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def upgrade(self, protocol: asyncio.Protocol) -> bytes:
+        """Hand the socket to another protocol (a tab); returns bytes already read past the head."""
+        leftover, self.buf = bytes(self.buf), bytearray()
+        self.transport.set_protocol(protocol)
+        self.bridge.connections.discard(self)
+        return leftover
 
     async def _fill(self, deadline: float | None) -> bool:
         """Wait for more bytes in the buffer before the deadline; False at EOF."""
@@ -1674,22 +3399,22 @@ class Connection(asyncio.Protocol):
         return len(self.buf) > size
 
     async def run(self) -> None:
-        cfg = self.bridge.files.config
         first = True
         try:
             while True:
+                cfg = self.bridge.files.config
                 req = await self.read_head(first, cfg)
                 if req is None:
                     return
                 first = False
-                self.responded = False
+                self.responded = self.probed = False
+                self.http11 = req.version == "HTTP/1.1"
                 self.busy = True
-                if not await self.bridge.handle(self, req):
+                if not await self.bridge.routes.handle(self, req):
                     return
                 self.busy = False
                 if self.bridge.stopping:
                     return
-                cfg = self.bridge.files.config
         except HttpError as exc:
             if not self.responded:
                 with contextlib.suppress(ConnectionError, OSError, TimeoutError):
@@ -1702,6 +3427,9 @@ class Connection(asyncio.Protocol):
                                                    "request_timeout"), close=True)
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             pass
+        except asyncio.CancelledError:
+            self.transport.abort()
+            raise
         except Exception:             # a bug: say so once, never leave the client hanging
             log.exception("internal error while serving %s", self.peer)
             if not self.responded:
@@ -1709,7 +3437,8 @@ class Connection(asyncio.Protocol):
                     await self.send_error(ApiError(500, "Internal error in the bridge; see its log.",
                                                    "internal_error"), close=True)
         finally:
-            await self.close()
+            if self.transport.get_protocol() is self:
+                await self.close()
 
     async def close(self) -> None:
         """After an error answer the client may still be sending the body we refused: half-close
@@ -1729,10 +3458,10 @@ class Connection(asyncio.Protocol):
         if pending:          # a client that never reads cannot keep the socket open for long
             asyncio.get_running_loop().call_later(5, transport.abort)
 
-    async def read_head(self, first: bool, cfg: dict) -> HttpRequest | None:
-        limit = int(cfg["max_head_bytes"])
+    async def read_head(self, first: bool, cfg: Config) -> HttpRequest | None:
+        limit = cfg.max_head_bytes
         # Idle: between keep-alive requests (or before the first byte) we wait without a response.
-        idle = cfg["keep_alive_timeout_seconds"] if not first else cfg["head_timeout_seconds"]
+        idle = cfg.keep_alive_timeout_seconds if not first else cfg.head_timeout_seconds
         while self.buf[:2] == b"\r\n":          # RFC 9112 2.2: ignore CRLF before a request line
             del self.buf[:2]
         if not self.buf:
@@ -1743,7 +3472,7 @@ class Connection(asyncio.Protocol):
                 return None
             while self.buf[:2] == b"\r\n":
                 del self.buf[:2]
-        deadline = time.monotonic() + cfg["head_timeout_seconds"]
+        deadline = time.monotonic() + cfg.head_timeout_seconds
         start = 0
         while True:
             end = self.buf.find(b"\r\n\r\n", start)
@@ -1761,8 +3490,8 @@ class Connection(asyncio.Protocol):
                     raise HttpError(400, "connection closed in the middle of a request head")
                 return None
 
-    async def read_body(self, req: HttpRequest, cfg: dict) -> bytes:
-        limit = int(cfg["max_body_bytes"])
+    async def read_body(self, req: HttpRequest, cfg: Config) -> bytes:
+        limit = cfg.max_body_bytes
         if req.content_length is not None and req.content_length > limit:
             raise ApiError(413, f"Request body of {req.content_length} bytes is larger than max_body_bytes "
                            f"({limit}).", "request_too_large", close=True)
@@ -1770,7 +3499,7 @@ class Connection(asyncio.Protocol):
             return b""
         if req.expect_continue and not self.buf:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        deadline = time.monotonic() + cfg["body_timeout_seconds"]
+        deadline = time.monotonic() + cfg.body_timeout_seconds
         try:
             if req.chunked:
                 dec = ChunkedDecoder(limit)
@@ -1799,14 +3528,15 @@ class Connection(asyncio.Protocol):
 
     # -- writing --
     async def write(self, data: bytes) -> None:
+        """Write and, if the client is slow to read, wait for it (for so long, then give up)."""
         if self.transport.is_closing():
             raise ConnectionResetError("client went away")
+        self.responded = True
         self.transport.write(data)
         if self.write_paused:
-            # Only a client that is slow to read makes us wait, and only for so long.
             self.drain_waiter = asyncio.get_running_loop().create_future()
             try:
-                async with asyncio.timeout(self.bridge.files.config["body_timeout_seconds"]):
+                async with asyncio.timeout(self.bridge.files.config.body_timeout_seconds):
                     await self.drain_waiter
             finally:
                 self.drain_waiter = None
@@ -1814,16 +3544,19 @@ class Connection(asyncio.Protocol):
     def base_headers(self, req: HttpRequest | None) -> list:
         headers = [("Server", f"lmarena-bridge/{VERSION}")]
         origin = req.header("origin") if req else None
-        if origin and self.bridge.cors_allowed(origin):
+        if origin and self.bridge.routes.cors_allowed(origin):
             headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
-                        ("Access-Control-Expose-Headers", "Retry-After, X-Request-Id")]
+                        ("Access-Control-Expose-Headers", "Retry-After, X-Request-Id, Request-Id")]
         return headers
+
+    def keeps_alive(self, req: HttpRequest | None, close: bool = False) -> bool:
+        return not close and req is not None and req.keep_alive and not self.eof
 
     async def send(self, status: int, body: bytes, content_type: str = "application/json",
                    req: HttpRequest | None = None, extra: list | None = None, close: bool = False,
                    head_only: bool = False) -> bool:
         """A complete response; returns whether the connection stays open."""
-        keep = not close and req is not None and req.keep_alive and not self.eof
+        keep = self.keeps_alive(req, close)
         headers = self.base_headers(req) + (extra or [])
         headers += [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         if not keep:
@@ -1831,29 +3564,225 @@ class Connection(asyncio.Protocol):
             self.linger = status >= 400
         elif req.version == "HTTP/1.0":
             headers.append(("Connection", "keep-alive"))
-        self.responded = True
         await self.write(response_head(status, headers) + (b"" if head_only else body))
         return keep
 
     async def send_json(self, status: int, obj, req: HttpRequest | None = None, **kw) -> bool:
-        return await self.send(status, json.dumps(obj, ensure_ascii=False).encode(), req=req, **kw)
+        return await self.send(status, wire_bytes(json.dumps(obj, ensure_ascii=False)), req=req, **kw)
 
     async def send_error(self, err: ApiError, req: HttpRequest | None = None, close: bool = False,
-                         head_only: bool = False) -> bool:
+                         head_only: bool = False, body: dict | None = None) -> bool:
         extra = [("Retry-After", str(err.retry_after))] if err.retry_after else []
-        if err.status == 405 and getattr(err, "allow", None):
-            extra.append(("Allow", err.allow))
-        return await self.send_json(err.status, err.body(), req=req, extra=extra,
+        extra += err.headers
+        return await self.send_json(err.status, body or err.body(), req=req, extra=extra,
                                     close=close or err.close, head_only=head_only)
 
-    def watch(self, on_gone) -> None:
-        """Call `on_gone()` at once if the client leaves while a job runs (None: stop watching)."""
-        self.on_gone = on_gone
-        if on_gone is not None and self.eof:
-            on_gone()
+
+class StreamWriter:
+    """Everything of one streamed response that goes on the wire: the status line and headers,
+    chunk frames (or an HTTP/1.0 close-delimited body), batching of token bursts, keep-alive
+    comments and the end. Formats (OpenAI's chunks, Anthropic's events) only hand it text.
+
+    Tokens that arrive within FLUSH_INTERVAL of the last write wait for the rest of the burst, so
+    thousands of tokens become a few chunks; the first text of an answer is never held back."""
+
+    __slots__ = ("conn", "req", "headers", "http10", "pending", "started", "last_write", "timer",
+                 "on_gone", "limit", "wrote_text")
+
+    def __init__(self, conn: Connection, req: HttpRequest, headers: list, on_gone, limit: int):
+        self.conn, self.req, self.on_gone, self.limit = conn, req, on_gone, limit
+        self.http10 = req.version == "HTTP/1.0"
+        self.headers = conn.base_headers(req) + [
+            ("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-store"),
+            ("X-Accel-Buffering", "no")] + headers + [
+            ("Connection", "close") if self.http10 else ("Transfer-Encoding", "chunked")]
+        self.pending: list[str] = []
+        self.started = False
+        self.wrote_text = False
+        self.last_write = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def _frame(self, data: bytes) -> bytes:
+        return data if self.http10 else chunk_frame(data)
+
+    def start(self, text: str, answered: bool) -> None:
+        """Send the head with the first text (`answered`: it holds answer text already)."""
+        self.started = True
+        self.conn.responded = True
+        self.wrote_text = answered
+        self.conn.transport.write(response_head(200, self.headers) + self._frame(wire_bytes(text)))
+        self.last_write = time.monotonic()
+
+    def push(self, text: str) -> None:
+        if not text:
+            return
+        self.pending.append(text)
+        if self.started and self.timer is None:
+            self.flush()
+
+    def keepalive(self) -> None:
+        if not self.pending and not self.conn.transport.is_closing():
+            self.conn.transport.write(self._frame(b": keep-alive\n\n"))
+        self.last_write = max(self.last_write, time.monotonic())   # never spin, even if the write waits
+
+    def flush(self) -> None:
+        transport = self.conn.transport
+        if not self.pending or self.timer is not None:
+            return
+        if transport.is_closing():
+            self.pending.clear()
+            self.on_gone()
+            return
+        now = time.monotonic()
+        wait = self.last_write + FLUSH_INTERVAL - now
+        if wait > 0 and self.wrote_text:
+            self.timer = asyncio.get_running_loop().call_later(wait, self._timed_flush)
+            return
+        data = wire_bytes("".join(self.pending))
+        self.pending.clear()
+        transport.write(self._frame(data))
+        self.wrote_text = True
+        self.last_write = now
+        if transport.get_write_buffer_size() > self.limit:
+            # The client stopped reading: memory stays bounded, the tab stops working for nobody.
+            log.warning("a streaming client is not reading; dropping it")
+            self.on_gone()
+            transport.abort()
+
+    def _timed_flush(self) -> None:
+        self.timer = None
+        self.flush()
+
+    async def end(self, text: str) -> bool:
+        """The rest, the end of the body; returns whether the connection stays open."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.pending.append(text)
+        data = self._frame(wire_bytes("".join(self.pending)))
+        self.pending.clear()
+        head = b"" if self.started else response_head(200, self.headers)
+        self.started = True
+        if self.http10:
+            await self.conn.write(head + data)
+            return False
+        await self.conn.write(head + data + b"0\r\n\r\n")
+        return self.conn.keeps_alive(self.req)
 
 
-# 11. Routes =========================================================================================
+# 12. Diagnosis: doctor's checks and the status page (pure) ==========================================
+#     One list of checks, from the config to LMArena, read from /health's detailed view; `python
+#     bridge.py doctor` prints it, `GET /` renders it with the tabs and the recent requests.
+
+def _age(seconds) -> str:
+    if seconds is None:
+        return "never"
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    return f"{seconds // 3600} h ago"
+
+
+def doctor_checks(health: dict) -> list[tuple[bool, str, str, str]]:
+    """(passed, check, detail, what to do) for every link from the bridge to LMArena."""
+    checks = []
+    add = checks.append
+    cfg = health.get("config") or {}
+    if cfg.get("error"):
+        add((False, "config", cfg["error"], "fix the file (the bridge keeps using its last good version)"))
+    else:
+        add((True, "config", f"{cfg.get('path', CONFIG_NAME)} is valid (session_mode "
+             f"{health.get('session_mode')})", ""))
+    add((True, "bridge", f"version {health.get('version')} answering, {health.get('tasks_in_flight', 0)} "
+         "task(s) in flight", ""))
+    tabs = health.get("tab_details") or []
+    if not tabs:
+        add((False, "tabs", "no LMArena tab is connected",
+             "open https://arena.ai with the userscript enabled; if its title shows ⛔, allow local "
+             "network access for the site (lock icon > Site settings) and reload"))
+    for t in tabs:
+        name = t.get("name", "tab")
+        status = t.get("status") or {}
+        version = t.get("userscript") or "?"
+        older = version_tuple(version) < version_tuple(USERSCRIPT_VERSION)
+        add((True, f"{name} userscript", f"{version}" + (f" (older than this bridge's {USERSCRIPT_VERSION}: "
+                                                          "paste the new userscript.js)" if older else ""), ""))
+        logged = status.get("logged_in")
+        last = t.get("last_error") or ""
+        if "session_not_owned" in last:
+            add((False, f"{name} login", "LMArena says you are logged out (or the session is another "
+                 "account's)", "log in again in the LMArena tab"))
+        elif t.get("cloudflare_check"):
+            add((False, f"{name} site", "a Cloudflare check is showing", "open the tab and complete the check"))
+        else:
+            add((True, f"{name} site", f"{t.get('url') or '?'}; logged in: "
+                 f"{'yes' if logged else 'no' if logged is False else 'unknown'}", ""))
+        recaptcha = status.get("recaptcha") or {}
+        if not status:
+            add((False, f"{name} recaptcha", "the tab has not reported its state",
+                 "update the userscript (paste userscript.js) and reload the tab"))
+        elif recaptcha.get("loaded"):
+            add((True, f"{name} recaptcha", f"loaded, site key {recaptcha.get('site_key') or 'unknown'}", ""))
+        else:
+            add((False, f"{name} recaptcha", "reCAPTCHA is not loaded in the page",
+                 "reload the LMArena tab; an ad or script blocker may block www.google.com/recaptcha"))
+        actions = status.get("actions") or {}
+        if status:
+            found = [k for k in ("generateUploadUrl", "getSignedUrl") if actions.get(k)]
+            ok = len(found) == 2
+            add((ok, f"{name} uploads", "upload actions found" if ok else "upload actions not found "
+                 "(attachments go as data: URLs)", "" if ok else "reload the tab; if it stays, the site "
+                 "changed: attachments may fail"))
+        if t.get("resting_seconds"):
+            add((False, f"{name} rate", f"resting {t['resting_seconds']} s after LMArena refused requests",
+                 "wait, or send one message by hand in the tab"))
+        if last and "session_not_owned" not in last:
+            add((True, f"{name} last error", last, ""))
+    models = health.get("models", 0)
+    at = health.get("models_reported_at")
+    age = None if at is None else time.time() - at
+    add((models > 0, "models", f"{models} known, list from the page {_age(age)}",
+         "" if models else "open https://arena.ai/text/direct in the tab so it reports the model list"))
+    shape = health.get("request_shape") or {}
+    add((True, "request shape", f"learned {_age(shape.get('age_seconds'))}" + (
+        f" ({', '.join(shape.get('fields') or [])})" if shape.get("fields") else " (none needed so far)"), ""))
+    return checks
+
+
+def status_page(health: dict, checks: list) -> str:
+    """The status page: the same facts as `doctor`, the tabs and the recent requests (never prompts).
+    Plain HTML that refreshes itself; no scripts, no outside resources."""
+    e = html.escape
+    rows = "".join(f"<tr class={'ok' if ok else 'fail'}><td>{'ok' if ok else 'FAIL'}</td><td>{e(name)}</td>"
+                   f"<td>{e(detail)}{(' — ' + e(todo)) if todo and not ok else ''}</td></tr>"
+                   for ok, name, detail, todo in checks)
+    tabs = "".join(f"<tr><td>{e(str(t.get('name')))}</td><td>{e(str(t.get('userscript')))}</td>"
+                   f"<td>{e(str(t.get('url') or ''))}</td><td>{t.get('tasks', 0)}</td>"
+                   f"<td>{e(str(t.get('last_error') or ''))}</td></tr>" for t in health.get("tab_details") or [])
+    recent = "".join(f"<tr><td>{e(str(r['id']))}</td><td>{e(str(r['model']))}</td><td>{r['status']}"
+                     f"{(' ' + e(str(r['error']))) if r.get('error') else ''}</td><td>{r['ms']:.0f} ms</td>"
+                     f"<td>{e(', '.join(f'{k} {v:.0f}' for k, v in r.get('stages_ms', {}).items()))}</td></tr>"
+                     for r in reversed(health.get("recent_requests") or []))
+    failed = sum(1 for ok, *_ in checks if not ok)
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="5"><title>LMArena Bridge {e(str(health.get('version')))}</title>
+<style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse;margin:.5em 0 1.5em}}
+td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left;vertical-align:top}}
+.ok td:first-child{{color:#080}}.fail td:first-child{{color:#b00;font-weight:bold}}</style></head><body>
+<h1>LMArena Bridge {e(str(health.get('version')))}</h1>
+<p>{'All checks passed.' if not failed else f'{failed} check(s) failed.'} {health.get('tabs', 0)} tab(s),
+{health.get('tasks_in_flight', 0)} task(s) in flight. API base: <code>/v1</code>. This page refreshes every 5 s.</p>
+<h2>Checks</h2><table>{rows}</table>
+<h2>Tabs</h2><table><tr><th>tab</th><th>userscript</th><th>page</th><th>tasks</th><th>last error</th></tr>{tabs}</table>
+<h2>Recent requests</h2><table><tr><th>id</th><th>model</th><th>status</th><th>time</th><th>stages (ms)</th></tr>{recent}</table>
+</body></html>"""
+
+
+# 13. Routes =========================================================================================
+#     `Routes` is given what it works with (the user files, the tab pool, the conversation memory,
+#     the capture, the request statistics) and touches nothing else.
 
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
@@ -1871,33 +3800,81 @@ def _allowed_methods(route: dict) -> str:
 
 def _method_error(route: dict) -> ApiError:
     allow = _allowed_methods(route)
-    err = ApiError(405, f"Method not allowed here; use {allow}.", "method_not_allowed")
-    err.allow = allow
-    return err
+    return ApiError(405, f"Method not allowed here; use {allow}.", "method_not_allowed",
+                    headers=[("Allow", allow)])
+
+
+def parse_json_body(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}", "invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "The request body is nested too deeply.", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "The request body must be a JSON object.", "invalid_json")
+    return data
+
+
+async def off_loop(body: bytes, work, *args):
+    """Run `work` (pure) on the event loop for small bodies, in a thread for large ones, so one big
+    request never stalls the others (/health stays quick while 64 MiB are parsed)."""
+    if len(body) <= THREAD_PARSE_BYTES:
+        return work(*args)
+    return await asyncio.to_thread(work, *args)
+
+
+def request_parts(body: bytes, files: "UserFiles", anthropic: bool) -> tuple[dict, "ChatRequest"]:
+    """Body bytes -> (the client's JSON, the translated chat request). Pure; may run in a thread."""
+    data = parse_json_body(body)
+    if anthropic:
+        data = anthropic_to_openai(data)
+    return data, chat_request(data, files.config, files.models)
 
 
 class Routes:
-    """HTTP routes of the Bridge (kept apart from its tab and job machinery)."""
+    """The HTTP API. One method per endpoint, each `(conn, req, body, started) -> keep-alive`."""
+
+    def __init__(self, files: "UserFiles", pool: "Bridge", memory: "Conversations", capture: "Capture",
+                 stats: "Stats"):
+        self.files, self.pool, self.memory, self.capture, self.stats = files, pool, memory, capture, stats
+        self.table = {
+            "/v1/chat/completions": {"POST": self.route_chat},
+            "/chat/completions": {"POST": self.route_chat},
+            "/v1/messages": {"POST": self.route_messages},
+            "/v1/messages/count_tokens": {"POST": self.route_count_tokens},
+            "/v1/images/generations": {"POST": self.route_images},
+            "/v1/models": {"GET": self.route_models},
+            "/models": {"GET": self.route_models},
+            "/health": {"GET": self.route_health},
+            "/": {"GET": self.route_index},
+            "/internal/id_capture": {"POST": self.route_capture},
+            "/internal/start_id_capture": {"POST": self.route_capture},
+            "/ws": {"GET": None},
+        }
 
     async def handle(self, conn: Connection, req: HttpRequest) -> bool:
         """Answer one request; returns whether the connection stays open for the next one."""
-        cfg = self.files.config
         started = time.monotonic()
         has_body = req.chunked or bool(req.content_length)
+        anthropic = req.path.startswith("/v1/messages")
         try:
             host = req.header("host")
             if host is not None and not self.host_allowed(host):
                 raise ApiError(403, f"Host {host!r} is not this bridge (DNS rebinding protection; add it to "
                                "allowed_hosts to expose the bridge under that name).", "invalid_host")
             origin = req.header("origin")
-            if req.path == "/ws" and req.method == "GET":
-                await self.serve_tab(conn, req)
+            if req.path == "/ws" and req.method in ("GET", "HEAD"):
+                if req.method == "HEAD":      # nothing to upgrade: say what this endpoint is
+                    raise ApiError(426, "This is the WebSocket endpoint for LMArena tabs.", "upgrade_required",
+                                   headers=[("Upgrade", "websocket"), ("Allow", "GET, HEAD, OPTIONS")])
+                await self.pool.serve_tab(conn, req)
                 return False
             if origin is not None and not self.cors_allowed(origin):
                 # Refused before anything reaches a tab, including "simple" text/plain cross-site POSTs.
                 raise ApiError(403, f"Origin {origin!r} is not allowed to call this bridge "
                                "(cors_allowed_origins).", "origin_not_allowed")
-            route = self.routes.get(req.path)
+            route = self.table.get(req.path)
             if route is None and req.path.startswith("/v1/models/"):
                 route = {"GET": self.route_model}
             if req.method == "OPTIONS":
@@ -1910,41 +3887,41 @@ class Routes:
                     headers += [("Access-Control-Allow-Methods", allowed),
                                 ("Access-Control-Allow-Headers", requested or "Authorization, Content-Type"),
                                 ("Access-Control-Max-Age", "600")]
-                keep = req.keep_alive and not has_body
-                conn.responded = True
+                keep = req.keep_alive and not has_body and not conn.eof
                 await conn.write(response_head(204, headers + ([] if keep else [("Connection", "close")])))
                 return keep
             if route is None:
                 raise ApiError(404, f"No such endpoint: {req.method} {req.path}. The API is at /v1 "
-                               "(chat/completions, models, images/generations).", "not_found")
+                               "(chat/completions, messages, models, images/generations).", "not_found")
             method = "GET" if req.method == "HEAD" else req.method
             handler = route.get(method, False)
             if handler is False or handler is None:
                 raise _method_error(route)
             if req.path.startswith(("/v1/", "/internal/", "/chat/", "/models")):
                 self.files.refresh()
-                cfg = self.files.config
-                self.check_key(req, cfg)
+                self.check_key(req)
             if req.path.startswith("/internal/") and not is_loopback(conn.peer):
                 raise ApiError(403, "Internal endpoints answer loopback clients only.", "forbidden")
-            body = await conn.read_body(req, cfg) if has_body else b""
+            body = await conn.read_body(req, self.files.config) if has_body else b""
             has_body = False
             return await handler(conn, req, body, started)
         except ApiError as err:
             if conn.responded:
                 return False
-            self.log_request(req, err.status, started)
-            return await conn.send_error(err, req, close=has_body or err.close,
-                                         head_only=req.method == "HEAD")
+            self.stats.log(req, err.status, started, error=err.code)
+            if anthropic:
+                return await conn.send_error(err, req, close=has_body or err.close, body=anthropic_error_body(err))
+            return await conn.send_error(err, req, close=has_body or err.close, head_only=req.method == "HEAD")
 
     def host_allowed(self, host_header: str) -> bool:
         name = _host_name(host_header)
         cfg = self.files.config
-        if name in _LOCAL_HOSTS or name == str(cfg["host"]).lower() or name == self.host.lower():
+        bound = self.pool.host.lower()
+        if name in _LOCAL_HOSTS or name == cfg.host.lower() or name == bound:
             return True
-        if name in (h.lower() for h in cfg["allowed_hosts"]):
+        if name in (h.lower() for h in cfg.allowed_hosts):
             return True
-        if self.host in ("0.0.0.0", "::", ""):
+        if bound in ("0.0.0.0", "::", ""):
             # Exposed on purpose: an IP literal cannot be a DNS-rebinding name, so LAN clients using the
             # machine's address work; names still need allowed_hosts.
             with contextlib.suppress(ValueError):
@@ -1953,196 +3930,111 @@ class Routes:
         return False
 
     def cors_allowed(self, origin: str) -> bool:
-        return origin_matches(origin, self.files.config["cors_allowed_origins"])
+        return origin_matches(origin, self.files.config.cors_allowed_origins)
 
-    def check_key(self, req: HttpRequest, cfg: dict) -> None:
-        key = cfg["api_key"]
+    def key_ok(self, req: HttpRequest) -> bool:
+        """Bearer token, or x-api-key (Anthropic's header, also accepted for OpenAI clients).
+        Header bytes (read as latin-1) are compared with the UTF-8 bytes of the key, in constant time."""
+        key = self.files.config.api_key
         if not key:
-            return
+            return True
         auth = req.header("authorization") or ""
         scheme, _, given = auth.partition(" ")
         if scheme.lower() != "bearer":
             given = req.header("x-api-key") or ""
-        if not hmac.compare_digest(given.strip().encode("utf-8", "replace"), str(key).encode("utf-8")):
+        return hmac.compare_digest(given.strip().encode("latin-1", "replace"), key.encode("utf-8"))
+
+    def check_key(self, req: HttpRequest) -> None:
+        if not self.key_ok(req):
             raise ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <api_key from "
-                           "config.jsonc>.", "invalid_api_key")
+                           "config.jsonc> (or x-api-key).", "invalid_api_key")
 
-    def log_request(self, req: HttpRequest, status: int, started: float, job: Job | None = None,
-                     model: str | None = None) -> None:
-        ms = (time.monotonic() - started) * 1000
-        if job is not None:
-            log.info("%s %s %s model=%s tab=%s status=%d %.0fms", job.id[:8], req.method, req.path,
-                     model or job.model, job.tab_name, status, ms)
-        elif req.path.startswith(("/v1/", "/internal/")) or status >= 400:
-            log.info("-------- %s %s status=%d %.0fms", req.method, req.path, status, ms)
-
-    # -- /v1/chat/completions --
-    def parse_json_body(self, body: bytes) -> dict:
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"The request body is not valid JSON: {exc}", "invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "The request body must be a JSON object.", "invalid_json")
-        return data
-
-    def build_chat_job(self, data: dict, stream: bool) -> tuple[Job, int]:
-        """Validate an OpenAI chat request and turn it into a Job (not dispatched yet)."""
-        cfg, models = self.files.config, self.files.models
-        model = data.get("model")
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "'model' is required (a name from GET /v1/models).", "invalid_model")
-        if data.get("tools") or data.get("functions"):
-            raise ApiError(400, "Tool / function calling is not supported through LMArena; remove "
-                           "'tools' from the request.", "tools_not_supported")
-        n = data.get("n", 1)
-        if n not in (1, None):
-            raise ApiError(400, "Only n=1 is supported for chat completions.", "invalid_n")
-        model_id, is_image = resolve_model(model, models, bool(cfg["strict_models"]))
-        pool = session_candidates(model, cfg, self.files.endpoint_map)
-        choice = pool[next(self.pool_counter) % len(pool)]
-        check_session(choice)
-        templates = openai_to_templates(
-            data.get("messages"), tavern=bool(cfg["tavern_mode_enabled"]), bypass=bool(cfg["bypass_enabled"]),
-            is_image=is_image, mode=choice.mode, target=choice.target,
-            attachment_limit=int(cfg["max_attachment_bytes"]))
-        request = build_retry_request(templates, choice.session_id, choice.message_id, model_id, is_image)
-        payload = {"message_templates": templates, "target_model_id": model_id,
-                   "session_id": choice.session_id, "message_id": choice.message_id,
-                   "is_image_request": is_image, "request": request}
-        side = ("b" if choice.target == "B" else "a") if choice.mode == "battle" else "a"
-        created = int(time.time())
-        fmt = ChunkFormatter(f"chatcmpl-{uuid.uuid4().hex}", model, created) if stream else None
-        job = Job(self, payload, side, model, stream, fmt)
-        prompt_chars = sum(len(t["content"]) for t in templates)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("task %s prompt: %s", job.id[:8], json.dumps(templates, ensure_ascii=False)[:4000])
-        return job, prompt_chars
-
-    def start_job(self, job: Job) -> None:
-        self.jobs[job.id] = job
-        tab = self.pick_tab()
-        if tab is not None:
-            self.assign(job, tab)
-        else:                     # no tab right now: fail at once, or wait after a Cloudflare check
-            job.dispatcher = self.spawn(self.dispatch(job))
-
-    async def route_chat(self, conn: Connection, req: HttpRequest, body: bytes, started: float) -> bool:
-        self.last_api_request = time.monotonic()
-        data = self.parse_json_body(body)
-        stream = data.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "'stream' must be true or false.", "invalid_stream")
-        job, prompt_chars = self.build_chat_job(data, stream)
-        include_usage = bool(isinstance(data.get("stream_options"), dict)
-                             and data["stream_options"].get("include_usage"))
-        self.start_job(job)
+    # -- /v1/chat/completions and /v1/messages --
+    async def route_chat(self, conn: Connection, req: HttpRequest, body: bytes, started: float,
+                         anthropic: bool = False) -> bool:
+        self.pool.last_api_request = time.monotonic()
+        data, chat = await off_loop(body, request_parts, body, self.files, anthropic)
+        job = self.pool.new_job(chat, self.memory)
+        if anthropic:
+            reply = AnthropicReply(chat.model, chat.stream, chat.prompt_chars, chat.tools, chat.stop)
+        else:
+            reply = OpenAIReply(chat.model, chat.stream, chat.include_usage, chat.prompt_chars, chat.tools,
+                                chat.stop)
+        reply.on_stop = job.stop_early
+        self.pool.start_job(job)
         conn.watch(job.on_client_gone)
         try:
-            if stream:
-                return await self.run_stream(conn, req, job, prompt_chars, include_usage, started)
-            await self.wait_job(job)
+            if chat.stream:
+                return await self.run_stream(conn, req, job, reply, started)
+            await self.pool.wait_job(job)
             if job.client_gone:
-                self.log_request(req, 499, started, job)
+                self.stats.log(req, 499, started, job)
                 return False
             if job.error:
                 raise job.error
-            cid = f"chatcmpl-{uuid.uuid4().hex}"
-            usage = usage_object(prompt_chars, job.completion_chars, job.usage)
-            out = completion_body(cid, job.model, int(time.time()), "".join(job.content),
-                                  "".join(job.reasoning), job.finish_reason, usage)
-            self.log_request(req, 200, started, job)
-            return await conn.send_json(200, out, req=req, head_only=req.method == "HEAD")
-        except ApiError as err:
-            self.log_request(req, err.status, started, job)
-            return await conn.send_error(err, req)
+            reply.render(job.take())
+            out = reply.body(job)
+            self.memory.remember(job, reply)
+            self.stats.log(req, 200, started, job)
+            return await conn.send_json(200, out, req=req, head_only=req.method == "HEAD",
+                                        extra=[("X-Request-Id", job.id)] + reply.headers())
         finally:
             conn.watch(None)
             if not job.done:
                 job.on_client_gone()
 
-    async def wait_job(self, job: Job, until_first: float | None = None) -> None:
-        """Wait until the job ends (or, with `until_first`, until the tab's first message or that
-        deadline), enforcing stream_response_timeout_seconds."""
-        while not job.done and not (until_first is not None and job.received):
-            now = time.monotonic()
-            left = job.idle_left(self.files.config["stream_response_timeout_seconds"], now)
-            if left <= 0 or (until_first is not None and now >= until_first):
-                return
-            if until_first is not None:
-                left = min(left, until_first - now)
-            job.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await job.wake.wait()
+    async def route_messages(self, conn, req, body, started) -> bool:
+        return await self.route_chat(conn, req, body, started, anthropic=True)
 
-    async def run_stream(self, conn: Connection, req: HttpRequest, job: Job, prompt_chars: int,
-                         include_usage: bool, started: float) -> bool:
+    async def route_count_tokens(self, conn, req, body, started) -> bool:
+        data = await off_loop(body, parse_json_body, body)
+        count = count_input_tokens(data)
+        self.stats.log(req, 200, started)
+        return await conn.send_json(200, {"input_tokens": count}, req=req)
+
+    async def run_stream(self, conn: Connection, req: HttpRequest, job: Job, reply, started: float) -> bool:
         cfg = self.files.config
         # Hold the head until the tab's first message, so quick failures keep their real status.
-        await self.wait_job(job, until_first=started + cfg["first_byte_hold_seconds"])
+        await self.pool.wait_job(job, until_first=started + cfg.first_byte_hold_seconds)
         if job.client_gone:
-            self.log_request(req, 499, started, job)
+            self.stats.log(req, 499, started, job)
             return False
-        if job.error and not job.out:
+        if job.error and not job.output:
             raise job.error
-        http10 = req.version == "HTTP/1.0"
-        headers = conn.base_headers(req) + [
-            ("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-store"),
-            ("X-Accel-Buffering", "no"), ("X-Request-Id", job.id)]
-        headers.append(("Connection", "close") if http10 else ("Transfer-Encoding", "chunked"))
-        conn.responded = True
-        first = job.fmt.role() + "".join(job.out) + ("" if job.received or job.done else ": keep-alive\n\n")
-        job.out.clear()
-        data = first.encode()
-        opening = response_head(200, headers) + (data if http10 else chunk_frame(data))
+        writer = StreamWriter(conn, req, [("X-Request-Id", job.id)] + reply.headers(), job.on_client_gone,
+                              cfg.max_pending_output_bytes)
+        first = reply.opening() + reply.render(job.take())
         if not job.done:     # a quick answer goes out in one write with its end, below
-            conn.transport.write(opening)
-            opening = b""
-        job.http10 = http10
-        job.live = conn.transport
-        interval = cfg["keepalive_interval_seconds"]
+            writer.start(first + ("" if job.received else ": keep-alive\n\n"), answered=job.output)
+            first = ""
+            job.sink = lambda: writer.push(reply.render(job.take()))
+        interval = cfg.keepalive_interval_seconds
         while not job.done:
             now = time.monotonic()
-            left = job.idle_left(self.files.config["stream_response_timeout_seconds"], now)
+            left = job.idle_left(self.files.config.stream_response_timeout_seconds, now)
             if left <= 0:
                 break
-            if now - job.last_output >= interval:
-                job.out.append(": keep-alive\n\n")
-                job.flush()
-                job.last_output = max(job.last_output, now)   # never spin, even if the write waits
+            if now - writer.last_write >= interval:
+                writer.keepalive()
                 continue
             job.wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(job.last_output + interval - now, left)):
+                async with asyncio.timeout(min(writer.last_write + interval - now, left)):
                     await job.wake.wait()
-        if job.client_gone or conn.transport.is_closing():
-            self.log_request(req, 499, started, job)
+        job.sink = None
+        if job.client_gone or conn.lost:
+            self.stats.log(req, 499, started, job)
             return False
-        tail = job.out
-        if job.error:
-            tail.append(sse_event(job.error.body()).decode())
-            status = job.error.status
-        else:
-            tail.append(job.fmt.finish(job.finish_reason))
-            if include_usage:
-                tail.append(job.fmt.usage(usage_object(prompt_chars, job.completion_chars, job.usage)))
-            status = 200
-        tail.append("data: [DONE]\n\n")
-        data = "".join(tail).encode()
-        job.out = []
-        job.live = None
-        self.log_request(req, status, started, job)
-        if http10:
-            await conn.write(opening + data)
-            return False
-        await conn.write(opening + chunk_frame(data) + b"0\r\n\r\n")
-        return req.keep_alive and not conn.eof
+        tail = first + reply.render(job.take()) + reply.closing(job)
+        if not job.error:
+            self.memory.remember(job, reply)
+        self.stats.log(req, 200, started, job, error=job.error.code if job.error else None)
+        return await writer.end(tail)
 
     # -- /v1/images/generations --
     async def route_images(self, conn: Connection, req: HttpRequest, body: bytes, started: float) -> bool:
-        self.last_api_request = time.monotonic()
-        data = self.parse_json_body(body)
+        self.pool.last_api_request = time.monotonic()
+        data = await off_loop(body, parse_json_body, body)
         prompt = data.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ApiError(400, "'prompt' is required.", "invalid_prompt")
@@ -2154,26 +4046,24 @@ class Routes:
             raise ApiError(400, "'response_format' must be 'url' or 'b64_json'.", "invalid_response_format")
         models = self.files.models
         model = data.get("model")
-        if not (isinstance(model, str) and models.get(model, "").endswith(":image")):
-            default = self.files.config["default_image_model"]
+        if not (isinstance(model, str) and parse_model_value(models.get(model, "")).is_image):
+            default = self.files.config.default_image_model
             if default:
                 model = default
-            elif not isinstance(model, str) or not model:
-                image_models = [k for k, v in models.items() if v.endswith(":image")]
+            else:
+                image_models = [k for k, v in models.items() if parse_model_value(v).is_image]
                 if not image_models:
                     raise ApiError(400, "No image model is known: set 'model' to an image model of "
                                    "models.json or set default_image_model.", "invalid_model")
                 model = image_models[0]
-        jobs = []
-        for _ in range(n):
-            job, _ = self.build_chat_job({"model": model, "messages": [{"role": "user", "content": prompt}]},
-                                         False)
-            jobs.append(job)
+        chat = chat_request({"model": model, "messages": [{"role": "user", "content": prompt}]},
+                            self.files.config, models)
+        jobs = [self.pool.new_job(chat, None) for _ in range(n)]
         for job in jobs:
-            self.start_job(job)
+            self.pool.start_job(job)
         conn.watch(lambda: [j.on_client_gone() for j in jobs])
         try:
-            await asyncio.gather(*(self.wait_job(j) for j in jobs))
+            await asyncio.gather(*(self.pool.wait_job(j) for j in jobs))
         finally:
             conn.watch(None)
             for j in jobs:
@@ -2181,11 +4071,11 @@ class Routes:
                     j.on_client_gone()
         if any(j.client_gone for j in jobs):
             return False
-        urls = [u for j in jobs if not j.error for u in j.images]
+        urls = [ev[1] for j in jobs if not j.error for ev in j.images]
         errors = [j.error for j in jobs if j.error]
         if not urls:
             err = errors[0] if errors else ApiError(502, "LMArena answered without an image.", "no_image")
-            self.log_request(req, err.status, started, jobs[0], model)
+            self.stats.log(req, err.status, started, jobs[0], error=err.code)
             raise err
         items = []
         for url in urls:
@@ -2195,7 +4085,7 @@ class Routes:
                 try:
                     b64 = await asyncio.to_thread(fetch_image_b64, url)
                 except Exception as exc:
-                    log.warning("could not fetch image %s: %s", url[:80], exc)
+                    log.warning("could not fetch image %s: %s", shown(url, 80), exc)
                     continue
                 items.append({"b64_json": b64, "revised_prompt": prompt})
         if not items:
@@ -2203,15 +4093,18 @@ class Routes:
                            "upstream_error")
         if errors:
             log.info("images: %d of %d tasks failed (%s)", len(errors), n, errors[0].message[:100])
-        self.log_request(req, 200, started, jobs[0], model)
+        self.stats.log(req, 200, started, jobs[0])
         return await conn.send_json(200, {"created": int(time.time()), "data": items}, req=req)
 
-    # -- models, health, index --
+    # -- models, health, status page --
+    def model_object(self, name: str, value: str) -> dict:
+        ref = parse_model_value(value)
+        return {"id": name, "object": "model", "created": 0, "owned_by": "lmarena",
+                "type": "image" if ref.is_image else "chat", "modality": ref.modality}
+
     async def route_models(self, conn, req, body, started) -> bool:
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "lmarena",
-                 "type": "image" if str(v).endswith(":image") else "chat"}
-                for name, v in self.files.models.items()]
-        self.log_request(req, 200, started)
+        data = [self.model_object(name, v) for name, v in self.files.models.items()]
+        self.stats.log(req, 200, started)
         return await conn.send_json(200, {"object": "list", "data": data}, req=req,
                                     head_only=req.method == "HEAD")
 
@@ -2219,79 +4112,243 @@ class Routes:
         name = urllib.parse.unquote(req.path[len("/v1/models/"):])
         if name not in self.files.models:
             raise ApiError(404, f"The model {name!r} is not in models.json.", "model_not_found")
-        v = self.files.models[name]
-        return await conn.send_json(200, {"id": name, "object": "model", "created": 0, "owned_by": "lmarena",
-                                          "type": "image" if v.endswith(":image") else "chat"},
+        return await conn.send_json(200, self.model_object(name, self.files.models[name]),
                                     req=req, head_only=req.method == "HEAD")
 
+    def trusted(self, conn: Connection, req: HttpRequest) -> bool:
+        """Details (tab URLs hold conversation ids) go to this machine, or to holders of the key."""
+        return is_loopback(conn.peer) or (bool(self.files.config.api_key) and self.key_ok(req))
+
     async def route_health(self, conn, req, body, started) -> bool:
-        now = time.monotonic()
-        tabs = [{"name": t.name, "userscript": t.version, "url": t.url, "tasks": len(t.jobs),
-                 "cloudflare_check": not t.available(now)} for t in self.tabs]
-        status = {"status": "ok", "version": VERSION, "tabs": len(self.tabs),
-                  "tasks_in_flight": len(self.jobs), "tab_details": tabs,
-                  "capture_armed": self.capture_settings is not None,
-                  "models": len(self.files.models),
-                  "hint": None if self.tabs else "No tab connected: open lmarena.ai with the userscript "
-                                                  "installed; its title starts with ✅ when connected."}
-        if self.update_notice:
-            status["update_available"] = self.update_notice
+        self.files.refresh()
+        status = self.pool.health(detailed=self.trusted(conn, req))
         return await conn.send_json(200, status, req=req, head_only=req.method == "HEAD")
 
     async def route_index(self, conn, req, body, started) -> bool:
+        self.files.refresh()
+        detailed = self.trusted(conn, req)
+        accept = req.header("accept") or ""
+        if "text/html" in accept or "json" not in accept:
+            page = status_page(self.pool.health(detailed=detailed), doctor_checks(self.pool.health(True)))
+            return await conn.send(200, wire_bytes(page), "text/html; charset=utf-8", req=req,
+                                   head_only=req.method == "HEAD",
+                                   extra=[("Cache-Control", "no-store"),
+                                          ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'")])
         return await conn.send_json(200, {"name": "LMArena Bridge", "version": VERSION,
-                                          "api_base": f"{self.url}/v1", "health": "/health"},
+                                          "api_base": f"{self.pool.url}/v1", "health": "/health"},
                                     req=req, head_only=req.method == "HEAD")
 
     # -- /internal/id_capture --
     async def route_capture(self, conn, req, body, started) -> bool:
-        data = self.parse_json_body(body) if body.strip() else {}
-        cfg = self.files.config
-        mode = data.get("mode") or cfg["id_updater_last_mode"]
-        target = str(data.get("target") or data.get("battle_target") or cfg["id_updater_battle_target"]).upper()
-        if mode not in ("direct_chat", "battle") or target not in ("A", "B"):
-            raise ApiError(400, "mode must be direct_chat or battle, target A or B.", "invalid_request")
-        model = data.get("model") or None
-        if model is not None and not isinstance(model, str):
-            raise ApiError(400, "model must be a string.", "invalid_request")
-        if not self.tabs:
-            raise no_tab_error()
-        self.capture_settings = {"mode": mode, "target": target, "model": model}
-        for tab in self.tabs:
-            tab.send(self.capture_command())
-        log.info("id capture armed on %d tab(s): %s%s%s", len(self.tabs), mode,
-                 f" {target}" if mode == "battle" else "", f" for {model}" if model else "")
+        data = await off_loop(body, parse_json_body, body) if body.strip() else {}
+        settings = self.capture.settings_from(data, self.files.config)
+        timeout = data.get("timeout")
+        if timeout is None:
+            timeout = self.files.config.capture_timeout_seconds
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+            raise ApiError(400, "timeout must be a number of seconds (up to 86400).", "invalid_request_error")
+        self.capture.arm(settings, self.pool.tabs, float(timeout))
         if req.path == "/internal/start_id_capture":
-            return await conn.send_json(200, {"status": "armed"}, req=req)
-        timeout = data.get("timeout") or cfg["capture_timeout_seconds"]
+            self.stats.log(req, 200, started)
+            return await conn.send_json(200, {"status": "armed", "tabs": len(self.pool.tabs)}, req=req)
         fut = asyncio.get_running_loop().create_future()
-        self.capture_waiters.append(fut)
+        self.capture.waiters.append(fut)
+        conn.watch(lambda: self.capture.leave(fut, self.pool.tabs))
         try:
             async with asyncio.timeout(float(timeout)):
                 result = await fut
         except TimeoutError:
-            if fut in self.capture_waiters:
-                self.capture_waiters.remove(fut)
-            if not self.capture_waiters:
-                self.capture_settings = None
-                for tab in self.tabs:
-                    tab.send({"command": "deactivate_id_capture"})
+            self.capture.leave(fut, self.pool.tabs)
             raise ApiError(408, f"No Retry click was seen within {float(timeout):g} s.",
                            "capture_timeout") from None
+        finally:
+            conn.watch(None)
         if "error" in result:
             raise ApiError(500, result["error"], "capture_write_failed")
+        self.stats.log(req, 200, started)
         return await conn.send_json(200, result, req=req)
 
 
-# 12. The Bridge: tabs, jobs, routes =================================================================
+# 14. The Bridge: tabs, jobs, conversations, capture ==================================================
 
-class Bridge(Routes):
-    """Owns the config, the tabs, the jobs and the server. Tests build several on port 0."""
+class Conversations:
+    """Recent conversations the bridge started (create mode), so a client that sends one back with
+    our exact answer plus new turns is continued with only the new turns (2.3). Bounded by count and
+    age. A conversation is remembered only after a clean answer, always under its latest state (an
+    older prefix must never continue it), and forgotten when a follow-up fails."""
+
+    @dataclasses.dataclass(slots=True)
+    class Entry:
+        id: str
+        key: str
+        used: float
+
+    def __init__(self, limit: int = 256, max_age: float = 6 * 3600, on_evict=None):
+        self.limit, self.max_age, self.on_evict = limit, max_age, on_evict
+        self.by_key: dict[str, Conversations.Entry] = {}       # insertion order = age of last use
+
+    @staticmethod
+    def head(chat: ChatRequest) -> str:
+        return json_text([chat.model, chat.ref.id, chat.ref.modality, chat.tools_prompt])
+
+    def find(self, chat: ChatRequest):
+        """(entry, index of the first new message) when the request continues a conversation."""
+        if not self.by_key:
+            return None
+        self.expire()
+        digests = chain_digests(self.head(chat), chat.fingerprints)
+        msgs = chat.messages
+        for k in range(len(msgs) - 2, 0, -1):
+            if msgs[k].get("role") != "assistant":
+                continue
+            entry = self.by_key.get(digests[k + 1])
+            if entry is not None:
+                if any(m.get("role") != "assistant" for m in msgs[k + 1:]):
+                    return entry, k + 1
+                return None
+        return None
+
+    def remember(self, job: "Job", reply) -> None:
+        plan = job.plan
+        if plan is None or plan.session is not None or plan.conversation_id is None or job.error:
+            return
+        chat = plan.chat
+        if plan.followup is not None:
+            self.by_key.pop(plan.followup.key, None)
+        key = chain_digests(self.head(chat), chat.fingerprints + ["assistant|" + reply.answer_key()])[-1]
+        self.by_key[key] = self.Entry(plan.conversation_id, key, time.monotonic())
+        while len(self.by_key) > self.limit:
+            self._evict(next(iter(self.by_key.values())))
+
+    def forget(self, entry) -> None:
+        if self.by_key.pop(entry.key, None) is not None:
+            log.info("conversation %s will not be continued again", entry.id[:8])
+            if self.on_evict:
+                self.on_evict(entry.id)
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for entry in [e for e in self.by_key.values() if now - e.used > self.max_age]:
+            self._evict(entry)
+
+    def _evict(self, entry) -> None:
+        self.by_key.pop(entry.key, None)
+        if self.on_evict:
+            self.on_evict(entry.id)
+
+
+class Capture:
+    """Arming the tabs for the next Retry click (`python bridge.py capture`) and waiting for it.
+    Armed only while someone waits (or until the timeout of a fire-and-forget start); a tab's
+    `ids_captured` without an armed capture is ignored."""
+
+    def __init__(self):
+        self.settings: dict | None = None
+        self.waiters: list[asyncio.Future] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def settings_from(data: dict, cfg: Config) -> dict:
+        mode = data.get("mode") or cfg.id_updater_last_mode
+        target = data.get("target") or data.get("battle_target") or cfg.id_updater_battle_target
+        if mode not in ("direct_chat", "battle"):
+            raise ApiError(400, "mode must be \"direct_chat\" or \"battle\".", "invalid_request_error")
+        if not isinstance(target, str) or target.upper() not in ("A", "B"):
+            raise ApiError(400, "target must be \"A\" or \"B\".", "invalid_request_error")
+        model = data.get("model") or None
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, "model must be a string.", "invalid_request_error")
+        return {"mode": mode, "target": target.upper(), "model": model}
+
+    def command(self) -> dict:
+        s = self.settings or {}
+        return {"command": "activate_id_capture", "mode": s.get("mode"), "battle_target": s.get("target")}
+
+    def arm(self, settings: dict, tabs: list, timeout: float) -> None:
+        if not tabs:
+            raise no_tab_error()
+        self.settings = settings
+        for tab in tabs:
+            tab.send(self.command())
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(timeout, self.disarm, tabs)
+        log.info("id capture armed on %d tab(s): %s%s%s", len(tabs), settings["mode"],
+                 f" {settings['target']}" if settings["mode"] == "battle" else "",
+                 f" for {shown(settings['model'])}" if settings["model"] else "")
+
+    def leave(self, fut: asyncio.Future, tabs: list) -> None:
+        """A waiting client left (or timed out): disarm when nobody waits any more."""
+        if fut in self.waiters:
+            self.waiters.remove(fut)
+        if not fut.done():
+            fut.cancel()
+        if not self.waiters:
+            self.disarm(tabs)
+
+    def disarm(self, tabs: list) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.settings is not None:
+            self.settings = None
+            for tab in tabs:
+                tab.send({"command": "deactivate_id_capture"})
+
+    def resolve(self, result: dict) -> None:
+        for fut in self.waiters:
+            if not fut.done():
+                fut.set_result(result)
+        self.waiters.clear()
+
+
+class Stats:
+    """One log line per request, and the recent requests (never prompts) with their stage timings
+    for /health, the status page and `doctor`."""
+
+    STAGES = ("queued", "token_ready", "upstream_headers", "first_byte", "first_token", "end")
+
+    def __init__(self):
+        self.recent: collections.deque = collections.deque(maxlen=RECENT_REQUESTS)
+        self.ids = itertools.count(1)
+
+    def log(self, req: HttpRequest, status: int, started: float, job: Job | None = None,
+            error: str | None = None) -> None:
+        ms = (time.monotonic() - started) * 1000
+        rid = job.id[:8] if job is not None else f"r{next(self.ids):07d}"
+        if job is None and not req.path.startswith(("/v1/", "/internal/")) and status < 400:
+            return
+        model = job.model if job is not None else "-"
+        tab = job.tab_name if job is not None else "-"
+        log.info("%s %s %s model=%s tab=%s status=%d%s %.0fms", rid, req.method, req.path, shown(model, 80),
+                 tab, status, f" error={error}" if error else "", ms)
+        if job is not None:
+            start = job.stages.get("start", started)
+            stages = {name: round((job.stages[name] - start) * 1000, 1) for name in self.STAGES
+                      if name in job.stages}
+            self.recent.append({"id": rid, "model": model, "tab": tab, "status": status, "error": error,
+                                "ms": round(ms, 1), "at": time.time(), "stages_ms": stages,
+                                "attempts": job.attempt + 1})
+
+    def stage_percentiles(self) -> dict:
+        out = {}
+        for name in self.STAGES:
+            values = sorted(r["stages_ms"][name] for r in self.recent if name in r["stages_ms"])
+            if values:
+                out[name] = {"p50": values[len(values) // 2], "p99": values[min(len(values) - 1,
+                                                                            int(len(values) * 0.99))],
+                             "n": len(values)}
+        return out
+
+
+class Bridge:
+    """Owns the tabs, the jobs, the servers and the background tasks; the routes get what they use.
+    Tests build several on port 0 in one process."""
 
     def __init__(self, files: UserFiles, host: str | None = None, port: int | None = None):
         self.files = files
-        self.host = host if host is not None else files.config["host"]
-        self.port = port if port is not None else int(files.config["port"])
+        self.host = host if host is not None else files.config.host
+        self.port = port if port is not None else files.config.port
         self.tabs: list[Tab] = []
         self.jobs: dict[str, Job] = {}
         self.dirty: set[Job] = set()
@@ -2299,8 +4356,6 @@ class Bridge(Routes):
         self.pool_counter = itertools.count()
         self.tab_event = asyncio.Event()       # set (and replaced) whenever tabs come or go
         self.cloudflare_since = 0.0
-        self.capture_waiters: list[asyncio.Future] = []
-        self.capture_settings: dict | None = None
         self.connections: set[Connection] = set()
         self.server: asyncio.base_events.Server | None = None
         self.last_api_request = time.monotonic()
@@ -2309,18 +4364,12 @@ class Bridge(Routes):
         self.restart_requested = False
         self.exit_event = asyncio.Event()     # set by SIGINT/SIGTERM or the idle restart
         self.update_notice: str | None = None
-        self.routes = {
-            "/v1/chat/completions": {"POST": self.route_chat},
-            "/chat/completions": {"POST": self.route_chat},
-            "/v1/images/generations": {"POST": self.route_images},
-            "/v1/models": {"GET": self.route_models},
-            "/models": {"GET": self.route_models},
-            "/health": {"GET": self.route_health},
-            "/": {"GET": self.route_index},
-            "/internal/id_capture": {"POST": self.route_capture},
-            "/internal/start_id_capture": {"POST": self.route_capture},
-            "/ws": {"GET": None},
-        }
+        self.models_at: float | None = None   # when the tab last reported the model list
+        self.shape, self.shape_at = self.load_shape()
+        self.capture = Capture()
+        self.stats = Stats()
+        self.memory = Conversations(on_evict=self.cleanup_conversation)
+        self.routes = Routes(files, self, self.memory, self.capture, self.stats)
 
     # -- lifecycle --
     async def start(self) -> None:
@@ -2331,9 +4380,9 @@ class Bridge(Routes):
         self.port = sock[1]
         self.spawn(self.ping_loop())
         self.spawn(self.idle_restart_loop())
-        if cfg["enable_auto_update"] and cfg["update_url"]:
+        if cfg.enable_auto_update and cfg.update_url:
             self.spawn(self.update_check())
-        if self.host not in ("127.0.0.1", "localhost", "::1") and not cfg["api_key"]:
+        if self.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
             log.warning("listening on %s without an api_key: anyone who can reach this port can use "
                         "your LMArena account. Set api_key in %s.", self.host, CONFIG_NAME)
 
@@ -2343,22 +4392,24 @@ class Bridge(Routes):
         return f"http://{host}:{self.port}"
 
     def spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
+        return self.track(asyncio.get_running_loop().create_task(coro))
+
+    def track(self, task: asyncio.Task) -> asyncio.Task:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
         return task
 
     async def stop(self, grace: float = 3.0) -> None:
-        """Stop accepting, end open answers with an error event, tell tabs, close everything."""
+        """Stop accepting, end open answers with an error event, tell tabs, close everything, and
+        cancel every task of ours (none is left pending)."""
         self.stopping = True
         if self.server is not None:
             self.server.close()
         for job in list(self.jobs.values()):
             job.fail(ApiError(503, "The bridge is shutting down.", "bridge_shutdown"))
+        self.flush_dirty()
         for tab in list(self.tabs):
             tab.close(1001, "bridge shutting down")
-        for task in list(self.background):
-            task.cancel()
         for conn in list(self.connections):
             if not conn.busy:
                 conn.transport.abort()
@@ -2367,13 +4418,117 @@ class Bridge(Routes):
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.transport.abort()
+        for tab in list(self.tabs):
+            tab.transport.abort()
+        current = asyncio.current_task()
+        tasks = [t for t in self.background if t is not current]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 1)
+
+    # -- jobs --
+    def new_job(self, chat: ChatRequest, memory: Conversations | None) -> Job:
+        """A job for a chat request: its captured session (retry mode, or a model with a pool in
+        model_endpoint_map.json), a follow-up of a remembered conversation, or a new one."""
+        cfg, files = self.files.config, self.files
+        session = followup = new_turns = None
+        if cfg.session_mode == "retry" or chat.model in files.endpoint_map:
+            pool = session_candidates(chat.model, cfg, files.endpoint_map)
+            session = pool[next(self.pool_counter) % len(pool)]
+            check_session(session)
+        elif memory is not None and cfg.continue_conversations:
+            found = memory.find(chat)
+            if found is not None:
+                followup, first_new = found
+                plain = tool_history_text(chat.messages[first_new - 1:])[1:]
+                new_turns = openai_to_templates(plain, tavern=False, bypass=False, is_image=chat.ref.is_image,
+                                                mode="direct_chat", target="A",
+                                                attachment_limit=cfg.max_attachment_bytes)
+        plan = TaskPlan(chat, cfg, session, followup, new_turns, self.shape)
+        job = Job(self, chat.model, plan, session.side if session else "a", cfg.max_answer_chars)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("task %s prompt: %s", job.id[:8], shown(plan.content()[0] if session is None else
+                                                              json_text(chat.templates), 4000))
+        return job
+
+    def start_job(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        for tab in self.tabs:     # keep a token minted ahead while requests come (issue: latency)
+            tab.send({"command": "keep_token_ready", "action": RECAPTCHA_SUBMIT_ACTION,
+                      "seconds": self.files.config.token_ready_seconds})
+        tab = self.pick_tab(job)
+        if tab is not None:
+            self.assign(job, tab)
+        else:                     # no tab right now: fail at once, or wait after a Cloudflare check
+            job.dispatcher = self.spawn(self.dispatch(job))
+
+    async def wait_job(self, job: Job, until_first: float | None = None) -> None:
+        """Wait until the job ends (or, with `until_first`, until the tab's first message or that
+        deadline), enforcing stream_response_timeout_seconds."""
+        while not job.done and not (until_first is not None and job.received):
+            now = time.monotonic()
+            left = job.idle_left(self.files.config.stream_response_timeout_seconds, now)
+            if left <= 0 or (until_first is not None and now >= until_first):
+                return
+            if until_first is not None:
+                left = min(left, until_first - now)
+            job.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await job.wake.wait()
+
+    def retry_job(self, job: Job, err: ApiError) -> bool:
+        """An attempt failed before any output: try again when that can help (a follow-up as a new
+        conversation; a refused token with a fresh one, then the v2 check, on the same tab; another
+        tab after a 429); True when a new attempt is under way."""
+        tab, plan = job.tab, job.plan
+        followup = plan.followup is not None
+        flags = retry_plan(err, followup, job.attempt) if job.attempt < 4 else None
+        if flags is not None and followup:
+            log.info("task %s: the follow-up failed (%s); starting a new conversation", job.id[:8], err.code)
+            self.memory.forget(plan.followup)
+        elif flags is not None:
+            log.info("task %s: %s refused; trying again (%s)", job.id[:8], err.code, json_text(flags))
+        else:
+            self.note_upstream_error(tab, err)          # cools the tab after a 429 or a final refusal
+            if err.code in ("rate_limited", "recaptcha_failed") and tab is not None and job.attempt < 4:
+                job.cooled.add(tab)
+                if self.pick_tab(job) is not None:
+                    flags = {}
+        if flags is None:
+            return False
+        if tab is not None:
+            tab.jobs.pop(job.rid, None)
+        job.tab = None
+        if plan.created and plan.conversation_id and not followup:
+            self.cleanup_conversation(plan.conversation_id)
+        job.next_attempt(flags)
+        other = tab if tab is not None and tab.available(time.monotonic()) and tab not in job.cooled \
+            else self.pick_tab(job)
+        if other is None:
+            self.note_upstream_error(tab, err)
+            return False
+        self.assign(job, other)
+        return True
+
+    def job_ended(self, job: Job) -> None:
+        self.jobs.pop(job.id, None)
+        self.dirty.discard(job)      # the route, woken, writes what is left with the ending
+        plan = job.plan
+        if (job.error or job.client_gone) and plan is not None and plan.session is None \
+                and plan.conversation_id and not self.files.config.continue_conversations:
+            self.cleanup_conversation(plan.conversation_id)
 
     # -- tabs --
-    def pick_tab(self, exclude: Tab | None = None) -> Tab | None:
+    def pick_tab(self, job: Job | None = None, exclude: Tab | None = None) -> Tab | None:
         now = time.monotonic()
         best = None
         for tab in self.tabs:
-            if tab is exclude or not tab.available(now):
+            if tab is exclude or not tab.available(now) or (job is not None and tab in job.cooled):
                 continue
             if best is None or (len(tab.jobs), tab.assigned) < (len(best.jobs), best.assigned):
                 best = tab
@@ -2386,15 +4541,38 @@ class Bridge(Routes):
     def assign(self, job: Job, tab: Tab) -> None:
         job.tab, job.tab_name = tab, tab.name
         job.last_activity = time.monotonic()
-        tab.jobs[job.id] = job
+        job.stages.setdefault("queued", job.last_activity)
+        tab.jobs[job.rid] = job
         tab.assigned += 1
-        tab.send_text(job.message)
+        try:
+            sent = tab.send_text(job.message)
+        except Exception:         # never leak a job: whatever failed, it ends with an answer
+            log.exception("task %s: could not send it to %s", job.id[:8], tab.name)
+            sent = False
+        if not sent:
+            job.fail(ApiError(502, "The task could not be sent to the LMArena tab.", "tab_disconnected"),
+                     tell_tab=False)
+
+    def cooling_error(self) -> ApiError | None:
+        """All connected tabs rest after a 429 or a refused check: the client hears it at once."""
+        now = time.monotonic()
+        open_tabs = [t for t in self.tabs if t.proto.state is WsState.OPEN and now >= t.challenged_until]
+        if open_tabs and all(now < t.cool_until for t in open_tabs):
+            wait = max(1, math.ceil(min(t.cool_until for t in open_tabs) - now))
+            return ApiError(429, f"Every LMArena tab is resting after LMArena refused requests (rate limit or "
+                            f"bot check); try again in {wait} s (tab_cooldown_seconds).", "rate_limited",
+                            retry_after=wait)
+        return None
 
     async def dispatch(self, job: Job) -> None:
         """Give the job to the least busy tab; after a Cloudflare challenge wait for a tab to return."""
-        tab = self.pick_tab()
+        tab = self.pick_tab(job)
         if tab is None:
-            wait = self.files.config["cloudflare_wait_seconds"]
+            resting = self.cooling_error()
+            if resting is not None:
+                job.fail(resting)
+                return
+            wait = self.files.config.cloudflare_wait_seconds
             cf_recent = time.monotonic() - self.cloudflare_since < wait
             if not cf_recent:
                 job.fail(no_tab_error())
@@ -2405,7 +4583,7 @@ class Bridge(Routes):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(1.0, end - time.monotonic())):
                         await event.wait()
-                tab = self.pick_tab()
+                tab = self.pick_tab(job)
             if tab is None:
                 job.fail(ApiError(503, "LMArena is showing a Cloudflare check and no tab came back in "
                                   f"{wait:g} s. Open the LMArena tab and complete the check.",
@@ -2415,22 +4593,33 @@ class Bridge(Routes):
             self.assign(job, tab)
 
     def note_upstream_error(self, tab: Tab | None, err: ApiError) -> None:
-        if err.code != "cloudflare_challenge" or tab is None:
+        if tab is None:
             return
-        self.cloudflare_since = time.monotonic()
-        tab.challenged_until = time.monotonic() + self.files.config["cloudflare_wait_seconds"]
-        if not tab.refresh_sent:
-            tab.refresh_sent = True
-            log.warning("%s hit a Cloudflare check; asking it to reload", tab.name)
-            tab.send({"command": "refresh"})
+        tab.last_error = f"{err.code}: {err.message[:200]}"
+        now = time.monotonic()
+        if err.code in ("rate_limited", "recaptcha_failed"):
+            rest = err.retry_after or self.files.config.tab_cooldown_seconds
+            tab.cool_until = max(tab.cool_until, now + rest)
+            log.warning("%s rests for %g s after %s", tab.name, rest, err.code)
+        elif err.code == "model_unavailable":
+            tab.send({"command": "send_models"})     # the list is stale: refresh it
+        elif err.code == "cloudflare_challenge":
+            self.cloudflare_since = now
+            tab.challenged_until = now + self.files.config.cloudflare_wait_seconds
+            if not tab.refresh_sent:
+                tab.refresh_sent = True
+                log.warning("%s hit a Cloudflare check; asking it to reload", tab.name)
+                tab.send({"command": "refresh"})
 
     def add_tab(self, tab: Tab) -> None:
         self.tabs.append(tab)
         self.cloudflare_since = 0.0 if tab.available(time.monotonic()) else self.cloudflare_since
-        log.info("%s connected from %s (%d tab%s)", tab.name, tab.origin, len(self.tabs),
+        log.info("%s connected from %s (%d tab%s)", tab.name, shown(tab.origin), len(self.tabs),
                  "" if len(self.tabs) == 1 else "s")
-        if self.capture_settings is not None:
-            tab.send(self.capture_command())
+        if self.capture.settings is not None:
+            tab.send(self.capture.command())
+        tab.send({"command": "keep_token_ready", "action": RECAPTCHA_SUBMIT_ACTION,
+                  "seconds": self.files.config.token_ready_seconds})
         self.tab_changed()
 
     def remove_tab(self, tab: Tab) -> None:
@@ -2444,11 +4633,11 @@ class Bridge(Routes):
             if job.done:
                 continue
             job.tab = None
-            other = None if (job.received or job.retried) else self.pick_tab(exclude=tab)
+            other = None if (job.received or job.attempt) else self.pick_tab(job, exclude=tab)
             if other is not None:
-                job.retried = True
                 log.info("task %s: %s vanished before answering; retrying on %s", job.id[:8], tab.name,
                          other.name)
+                job.next_attempt({})
                 self.assign(job, other)
             else:
                 job.fail(ApiError(502, "The LMArena tab closed or reloaded while answering. Try again.",
@@ -2460,21 +4649,22 @@ class Bridge(Routes):
         if self.dirty:
             jobs, self.dirty = self.dirty, set()
             for job in jobs:
-                job.flush()
+                if job.sink is not None:
+                    job.sink()
+                else:
+                    job.wake.set()
 
     async def ping_loop(self) -> None:
-        n = 0
         while True:
-            await asyncio.sleep(WS_PING_INTERVAL)
+            cfg = self.files.config
+            await asyncio.sleep(cfg.ws_ping_interval_seconds)
             now = time.monotonic()
             for tab in list(self.tabs):
-                if now - tab.last_seen > WS_PING_INTERVAL + WS_PING_TIMEOUT:
+                if now - tab.last_seen > cfg.ws_ping_interval_seconds + cfg.ws_ping_timeout_seconds:
                     log.warning("%s stopped answering pings; dropping it", tab.name)
                     tab.transport.abort()
-                elif tab.proto.state is WsState.OPEN:
-                    n += 1
-                    tab.proto.send_ping(str(n).encode())
-                    tab._write_out()
+                else:
+                    tab.ping()
 
     async def serve_tab(self, conn: Connection, req: HttpRequest) -> None:
         origin = req.header("origin") or ""
@@ -2483,52 +4673,44 @@ class Bridge(Routes):
         # and renders the 101 (or the refusal), a second one in state OPEN handles the frames.
         handshake = ServerProtocol(max_size=WS_MAX_MESSAGE)
         ws_req = WsRequest(req.target, WsHeaders([(k, v) for k, v in req.headers]))
-        if not (origin_is_lmarena(origin) or origin in cfg["allowed_tab_origins"]):
+        if not (origin_is_lmarena(origin) or origin in cfg.allowed_tab_origins):
             response = handshake.reject(403, f"Origin {origin or '(none)'} may not connect as a tab: only "
                                         "LMArena pages (and allowed_tab_origins) may.\n")
-            log.warning("refused a tab socket from origin %r", origin)
-        elif not cfg["allow_remote_tabs"] and not is_loopback(conn.peer):
+            log.warning("refused a tab socket from origin %s", shown(origin))
+        elif not cfg.allow_remote_tabs and not is_loopback(conn.peer):
             # A tab sees every prompt; Origin is only a header, so a remote process could forge it.
             response = handshake.reject(403, "Tabs must run on this machine (allow_remote_tabs).\n")
             log.warning("refused a tab socket from %s (not this machine)", conn.peer)
         else:
             response = handshake.accept(ws_req)
-        conn.responded = True
         if response.status_code != 101:
             await conn.write(response.serialize())
             return
         conn.transport.write(response.serialize())
+        conn.responded = True
         proto = ServerProtocol(max_size=WS_MAX_MESSAGE, state=WsState.OPEN)
         tab = Tab(self, proto, conn.transport, origin, conn.peer)
-        # No await since the head was read, so nothing sits in the stream reader: hand the socket
-        # to the tab (a client must wait for the 101 before sending frames anyway).
-        leftover, conn.buf = bytes(conn.buf), bytearray()
-        conn.transport.set_protocol(tab)
+        # No await since the head was read: hand the socket to the tab (a client must wait for the
+        # 101 before sending frames anyway, but whatever came is passed on).
+        leftover = conn.upgrade(tab)
         self.add_tab(tab)
         try:
             if leftover:
                 tab.data_received(leftover)
             await tab.closed
         finally:
-            self.connections.discard(conn)      # the socket was the tab's since the handshake
             self.remove_tab(tab)
 
-    # -- capture and models --
-    def capture_command(self) -> dict:
-        s = self.capture_settings or {}
-        return {"command": "activate_id_capture", "mode": s.get("mode"), "battle_target": s.get("target")}
-
+    # -- what tabs report: captured ids, models, the request shape --
     def on_ids_captured(self, tab: Tab, session_id, message_id) -> None:
+        settings = self.capture.settings
+        if settings is None:
+            log.warning("%s reported captured ids, but no capture is armed; ignored", tab.name)
+            return
         if is_placeholder_id(session_id) or is_placeholder_id(message_id):
             log.warning("%s reported ids that are not UUIDs; ignored", tab.name)
             return
-        settings = self.capture_settings or {"mode": self.files.config["id_updater_last_mode"],
-                                             "target": self.files.config["id_updater_battle_target"],
-                                             "model": None}
-        self.capture_settings = None
-        for other in self.tabs:
-            if other is not tab:
-                other.send({"command": "deactivate_id_capture"})
+        self.capture.disarm([t for t in self.tabs if t is not tab])
         try:
             written = self.store_session(session_id, message_id, settings)
         except (OSError, ValueError, ConfigError) as exc:
@@ -2541,28 +4723,24 @@ class Bridge(Routes):
             log.info("captured session %s / message %s (%s%s) into %s", session_id[:8], message_id[:8],
                      settings["mode"], f" {settings['target']}" if settings["mode"] == "battle" else "",
                      os.path.basename(written))
-        for fut in self.capture_waiters:
-            if not fut.done():
-                fut.set_result(result)
-        self.capture_waiters.clear()
+        self.capture.resolve(result)
 
     def store_session(self, session_id: str, message_id: str, settings: dict) -> str:
         """Write captured ids: into config.jsonc, or into a model's pool in model_endpoint_map.json."""
         model = settings.get("model")
+        files = self.files
         if not model:
-            path = self.files.config_path
+            path = files.config_path
             text = _read_text(path)
             new = jsonc_update(text, {"session_id": session_id, "message_id": message_id,
                                       "id_updater_last_mode": settings["mode"],
                                       "id_updater_battle_target": settings["target"]})
-            validate_config(path, parse_json_file(path, new))
+            cfg = files._config_value(path, parse_json_file(path, new))
             atomic_write(path, new)
-            self.files.note_written(path)
-            self.files.config.update(session_id=session_id, message_id=message_id,
-                                     id_updater_last_mode=settings["mode"],
-                                     id_updater_battle_target=settings["target"])
+            files.note_written(path)
+            files.config = cfg
             return path
-        path = self.files.map_path
+        path = files.map_path
         text = _read_text(path)
         current = parse_json_file(path, text) if text and text.strip() else {}
         entry = {"session_id": session_id, "message_id": message_id, "mode": settings["mode"],
@@ -2574,35 +4752,28 @@ class Bridge(Routes):
         new = jsonc_update(text, {model: pool})
         mapping = validate_endpoint_map(path, parse_json_file(path, new))
         atomic_write(path, new)
-        self.files.note_written(path)
-        self.files.endpoint_map = mapping
+        files.note_written(path)
+        files.endpoint_map = mapping
         return path
 
     def on_models(self, tab: Tab, models) -> None:
         if not isinstance(models, list):
             log.debug("%s sent a models report without a list", tab.name)
             return
+        self.models_at = time.time()
         try:
             self.merge_models(models)
         except (OSError, ValueError, ConfigError) as exc:
             log.error("could not update %s: %s", MODELS_NAME, exc)
 
     def merge_models(self, page_models: list) -> dict:
-        """Merge the page's model list into models.json: add new, update changed ids, keep the rest."""
+        """Merge the page's model list into models.json: add new, update changed ids, keep the rest
+        (entries the user wrote by hand stay as they are unless the page knows the name)."""
         path = self.files.models_path
         text = _read_text(path)
         current = parse_json_file(path, text) if text and text.strip() else {}
         updates, added, changed = {}, [], []
-        for m in page_models:
-            if not isinstance(m, dict):
-                continue
-            name, mid = m.get("publicName"), m.get("id")
-            if not isinstance(name, str) or not isinstance(mid, str) or not name or not mid:
-                continue
-            caps = m.get("capabilities")
-            out_caps = caps.get("outputCapabilities") if isinstance(caps, dict) else None
-            makes_images = isinstance(out_caps, dict) and out_caps.get("image") not in (None, False)
-            value = f"{mid}:image" if makes_images else mid
+        for name, value in page_model_entries(page_models).items():
             if name not in current:
                 added.append(name)
             elif current[name] != value:
@@ -2619,17 +4790,79 @@ class Bridge(Routes):
         self.files.note_written(path)
         self.files.models = models
         log.info("models.json updated: %d added%s, %d changed%s", len(added),
-                 f" ({', '.join(added[:5])}{'...' if len(added) > 5 else ''})" if added else "",
-                 len(changed), f" ({', '.join(changed[:5])})" if changed else "")
+                 f" ({shown(', '.join(added[:5]), 200)}{'...' if len(added) > 5 else ''})" if added else "",
+                 len(changed), f" ({shown(', '.join(changed[:5]), 200)})" if changed else "")
         return updates
+
+    def load_shape(self) -> tuple[dict | None, float | None]:
+        """The request shape learned from the page, kept beside the config across restarts."""
+        path = self.files.shape_path
+        try:
+            value, text = read_json_file(path, None)
+        except ConfigError as exc:
+            log.warning("ignoring %s: %s", SHAPE_NAME, exc)
+            return None, None
+        if not isinstance(value, dict) or not isinstance(value.get("body"), dict):
+            return None, None
+        at = value.get("learned_at")
+        return value["body"], at if isinstance(at, (int, float)) else None
+
+    def on_request_shape(self, tab: Tab, endpoint, body) -> None:
+        shape = learned_shape(endpoint, body)
+        if shape is None:
+            log.debug("%s sent an unusable request shape; ignored", tab.name)
+            return
+        now = time.time()
+        changed = shape != self.shape
+        self.shape, self.shape_at = shape, now
+        if changed:
+            log.info("learned LMArena's request shape from %s (fields: %s)", tab.name,
+                     shown(", ".join(sorted(shape)), 200))
+        with contextlib.suppress(OSError):
+            atomic_write(self.files.shape_path, json.dumps({"learned_at": now, "endpoint": endpoint,
+                                                            "body": shape}, indent=2) + "\n")
+
+    def cleanup_conversation(self, conversation_id: str) -> None:
+        """Archive or delete a conversation the bridge created and can no longer continue."""
+        action = self.files.config.conversation_cleanup
+        if action == "keep":
+            return
+        tab = self.pick_tab() or (self.tabs[0] if self.tabs else None)
+        if tab is not None:
+            tab.send({"command": "cleanup_conversation", "id": conversation_id, "action": action})
+
+    def health(self, detailed: bool) -> dict:
+        now = time.monotonic()
+        status = {"status": "ok", "version": VERSION, "tabs": len(self.tabs), "tasks_in_flight": len(self.jobs),
+                  "models": len(self.files.models), "session_mode": self.files.config.session_mode,
+                  "capture_armed": self.capture.settings is not None,
+                  "hint": None if self.tabs else "No tab connected: open arena.ai with the userscript "
+                                                  "installed; its title starts with ✅ when connected."}
+        if self.update_notice:
+            status["update_available"] = self.update_notice
+        if not detailed:
+            return status
+        status["tab_details"] = [
+            {"name": t.name, "userscript": t.version, "url": t.url, "tasks": len(t.jobs),
+             "cloudflare_check": now < t.challenged_until,
+             "resting_seconds": max(0, round(t.cool_until - now)), "status": t.status,
+             "last_error": t.last_error} for t in self.tabs]
+        status["config"] = {"path": self.files.config_path, "error": self.files.last_error}
+        status["models_reported_at"] = self.models_at
+        status["request_shape"] = {"fields": sorted(self.shape) if self.shape else [],
+                                   "age_seconds": round(time.time() - self.shape_at) if self.shape_at else None}
+        status["conversations_remembered"] = len(self.memory.by_key)
+        status["stages_ms"] = self.stats.stage_percentiles()
+        status["recent_requests"] = list(self.stats.recent)[-20:]
+        return status
 
     # -- background --
     async def idle_restart_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             cfg = self.files.config
-            timeout = cfg["idle_restart_timeout_seconds"]
-            if not cfg["enable_idle_restart"] or timeout is None or timeout < 0:
+            timeout = cfg.idle_restart_timeout_seconds
+            if not cfg.enable_idle_restart or timeout < 0:
                 continue
             if self.jobs or time.monotonic() - self.last_api_request < timeout:
                 continue
@@ -2643,7 +4876,7 @@ class Bridge(Routes):
 
     async def update_check(self) -> None:
         try:
-            manifest, _ = await asyncio.to_thread(fetch_manifest, self.files.config["update_url"])
+            manifest, _ = await asyncio.to_thread(fetch_manifest, self.files.config.update_url)
         except Exception as exc:     # offline or broken manifest: never a problem for serving
             log.info("update check skipped: %s", exc)
             return
@@ -2661,7 +4894,7 @@ def _read_text(path: str) -> str | None:
         return None
 
 
-# 13. Updates and image downloads (blocking; run in threads or from the CLI) ========================
+# 15. Updates and image downloads (blocking; run in threads or from the CLI) ========================
 
 def version_tuple(v) -> tuple:
     return tuple(int(x) for x in re.findall(r"\d+", str(v))[:4]) or (0,)
@@ -2696,7 +4929,7 @@ def fetch_manifest(url: str) -> tuple[dict, str]:
 
 def run_update(files: UserFiles, out=print, target_dir: str = HERE) -> int:
     """Download the manifest's program files, verify every hash, back up, then replace."""
-    url = files.config["update_url"]
+    url = files.config.update_url
     if not url:
         out("no update_url is set in config.jsonc; nothing to check")
         return 1
@@ -2744,36 +4977,92 @@ def run_update(files: UserFiles, out=print, target_dir: str = HERE) -> int:
     return 0
 
 
-# 14. Command line ===================================================================================
+# 16. Command line ===================================================================================
 
-SUBCOMMANDS = ("serve", "capture", "models", "update")
+SUBCOMMANDS = ("serve", "capture", "models", "update", "doctor")
+USAGE_EPILOG = """commands:
+  (none) / serve   run the bridge (the default)
+  capture          capture session ids from your next Retry click (advanced: captured sessions)
+  models           list the models in models.json
+  update           install a newer version from update_url
+  doctor           check every link from the bridge to LMArena; --send MODEL also sends a tiny prompt
+Options may follow the command. Exit codes: 0 done, 1 could not do it, 2 bad usage or broken file.
+Run `python bridge.py COMMAND --help` for a command's options."""
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"bridge.py{'' if command == 'serve' else ' ' + command}",
-                                description="LMArena Bridge: an OpenAI-compatible API for your LMArena tab.")
-    p.add_argument("--config", default=os.path.join(HERE, CONFIG_NAME),
-                   help="config.jsonc to use (models.json and model_endpoint_map.json sit beside it)")
+                                description="LMArena Bridge: an OpenAI- and Anthropic-compatible API for your "
+                                            "LMArena tab.",
+                                epilog=USAGE_EPILOG if command == "serve" else None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="config.jsonc to use (models.json and model_endpoint_map.json sit beside "
+                                    "it; default: the one beside bridge.py)")
     if command == "serve":
         p.add_argument("--host", help="address to listen on (default: config host, 127.0.0.1)")
         p.add_argument("--port", type=int, help="port (default: config port, 5102; 0 takes a free one)")
-    elif command == "capture":
+    if command in ("capture", "doctor"):
         p.add_argument("--bridge", help="URL of the running bridge (default http://{host}:{port} of the config)")
-        p.add_argument("--mode", choices=("direct_chat", "battle"))
-        p.add_argument("--target", type=str.upper, choices=("A", "B"))
-        p.add_argument("--model", help="add the session to this model's pool in model_endpoint_map.json")
-        p.add_argument("--timeout", type=float, help="seconds to wait for the Retry click")
+    if command == "capture":
+        p.add_argument("--mode", choices=("direct_chat", "battle"),
+                       help="how the captured session is used: one model (direct_chat) or one side of a "
+                            "battle (default: the config's id_updater_last_mode)")
+        p.add_argument("--target", type=str.upper, choices=("A", "B"),
+                       help="in battle mode, the side whose answers you want (default: the config's)")
+        p.add_argument("--model", help="add the session to this model's pool in model_endpoint_map.json "
+                                       "instead of config.jsonc")
+        p.add_argument("--timeout", type=float, help="seconds to wait for the Retry click (default "
+                                                     "capture_timeout_seconds, 180)")
+    if command == "doctor":
+        p.add_argument("--send", metavar="MODEL", help="also send a tiny prompt to MODEL and report the "
+                                                       "answer's first words and the time of each stage")
     return p
 
 
-def load_files(config_path: str, quiet: bool = False) -> UserFiles:
-    files = UserFiles(config_path)
+def load_files(config_path: str | None, quiet: bool = False) -> UserFiles:
+    """The user files; exit 2 when a named config is missing or any file is broken."""
+    if config_path is not None and not os.path.exists(config_path):
+        print(f"error: {config_path} does not exist (check --config)", file=sys.stderr)
+        raise SystemExit(2)
+    files = UserFiles(config_path or os.path.join(HERE, CONFIG_NAME))
     try:
         files.load_all(report=(lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr)))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2)
     return files
+
+
+def bridge_base(cfg: Config, given: str | None) -> str:
+    host = cfg.host if cfg.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return (given or f"http://{'[' + host + ']' if ':' in host else host}:{cfg.port}").rstrip("/")
+
+
+def call_bridge(base: str, path: str, cfg: Config, body: dict | None = None, timeout: float = 15):
+    """(status, JSON answer) from the running bridge; raises OSError when it cannot be reached."""
+    import urllib.error
+    import urllib.request
+    headers = {"Content-Type": "application/json"}
+    if cfg.api_key:
+        headers["Authorization"] = f"Bearer {cfg.api_key}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, headers=headers, method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}"), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        try:
+            answer = json.loads(exc.read())
+        except ValueError:
+            answer = {}
+        return exc.code, answer, dict(exc.headers)
+    except urllib.error.URLError as exc:
+        raise OSError(str(getattr(exc, "reason", exc))) from None
+
+
+def error_message(answer: dict, status: int) -> str:
+    err = answer.get("error") if isinstance(answer, dict) else None
+    return err.get("message") if isinstance(err, dict) and err.get("message") else f"HTTP {status}"
 
 
 def cmd_models(args) -> int:
@@ -2784,8 +5073,8 @@ def cmd_models(args) -> int:
     width = max(len(n) for n in files.models)
     print(f"{'name'.ljust(width)}  {'id'.ljust(36)}  type")
     for name, value in sorted(files.models.items(), key=lambda kv: kv[0].lower()):
-        mid, _, kind = value.partition(":")
-        print(f"{name.ljust(width)}  {(mid or 'null').ljust(36)}  {'image' if kind == 'image' else 'text'}")
+        ref = parse_model_value(value)
+        print(f"{name.ljust(width)}  {(ref.id or 'null').ljust(36)}  {ref.modality}")
     return 0
 
 
@@ -2801,46 +5090,89 @@ def _ask(prompt: str, choices: tuple, default: str) -> str:
 
 
 def cmd_capture(args) -> int:
-    import urllib.error
-    import urllib.request
     files = load_files(args.config, quiet=True)
     cfg = files.config
     mode, target = args.mode, args.target
     if mode is None and sys.stdin.isatty():
-        mode = _ask("Capture mode", ("direct_chat", "battle"), cfg["id_updater_last_mode"])
-    mode = mode or cfg["id_updater_last_mode"]
+        mode = _ask("Capture mode", ("direct_chat", "battle"), cfg.id_updater_last_mode)
+    mode = mode or cfg.id_updater_last_mode
     if mode == "battle" and target is None and sys.stdin.isatty():
-        target = _ask("Battle target", ("A", "B"), str(cfg["id_updater_battle_target"]).upper())
-    target = (target or cfg["id_updater_battle_target"]).upper()
-    timeout = args.timeout if args.timeout is not None else cfg["capture_timeout_seconds"]
-    host = cfg["host"] if cfg["host"] not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    base = (args.bridge or f"http://{'[' + host + ']' if ':' in host else host}:{cfg['port']}").rstrip("/")
-    body = json.dumps({"mode": mode, "target": target, "model": args.model, "timeout": timeout}).encode()
-    headers = {"Content-Type": "application/json"}
-    if cfg["api_key"]:
-        headers["Authorization"] = f"Bearer {cfg['api_key']}"
-    print(f"Capture armed ({mode}{' ' + target if mode == 'battle' else ''}"
-          f"{', for model ' + args.model if args.model else ''}). In your LMArena tab (its title shows 🎯), "
-          f"click Retry on the target answer. Waiting up to {timeout:g} s...", flush=True)
-    request = urllib.request.Request(base + "/internal/id_capture", data=body, headers=headers, method="POST")
+        target = _ask("Battle target", ("A", "B"), cfg.id_updater_battle_target)
+    target = (target or cfg.id_updater_battle_target).upper()
+    timeout = args.timeout if args.timeout is not None else cfg.capture_timeout_seconds
+    base = bridge_base(cfg, args.bridge)
+    body = {"mode": mode, "target": target, "model": args.model, "timeout": timeout}
     try:
-        with urllib.request.urlopen(request, timeout=timeout + 15) as resp:
-            result = json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]["message"]
-        except Exception:
-            message = f"HTTP {exc.code}"
-        print(f"capture failed: {message}", file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        reason = getattr(exc, "reason", exc)
-        print(f"capture failed: the bridge is not reachable at {base} ({reason}); start it with "
+        # Arm first, so "armed" is printed only once a tab really is armed; then wait for the click.
+        status, answer, _ = call_bridge(base, "/internal/start_id_capture", cfg, body)
+        if status != 200:
+            print(f"capture failed: {error_message(answer, status)}", file=sys.stderr)
+            return 1
+        print(f"Capture armed on {answer.get('tabs', 1)} tab(s) ({mode}{' ' + target if mode == 'battle' else ''}"
+              f"{', for model ' + args.model if args.model else ''}). In your LMArena tab (its title shows 🎯), "
+              f"click Retry on the target answer. Waiting up to {timeout:g} s...", flush=True)
+        status, answer, _ = call_bridge(base, "/internal/id_capture", cfg, body, timeout=timeout + 15)
+    except (OSError, TimeoutError) as exc:
+        print(f"capture failed: the bridge is not reachable at {base} ({exc}); start it with "
               "`python bridge.py` first", file=sys.stderr)
         return 1
-    print(f"Captured session_id {result['session_id']} and message_id {result['message_id']}; "
-          f"written to {result['written_to']}. The running bridge uses them now.")
+    if status != 200:
+        print(f"capture failed: {error_message(answer, status)}", file=sys.stderr)
+        return 1
+    print(f"Captured session_id {answer['session_id']} and message_id {answer['message_id']}; "
+          f"written to {answer['written_to']}. The running bridge uses them now.")
     return 0
+
+
+def cmd_doctor(args, out=print) -> int:
+    """One line per link: `ok <check>: <detail>` or `FAIL <check>: <detail> -- <what to do>`."""
+    files = load_files(args.config, quiet=True)
+    cfg = files.config
+    base = bridge_base(cfg, args.bridge)
+    out(f"ok config: {files.config_path} is valid")
+    try:
+        status, health, _ = call_bridge(base, "/health", cfg)
+    except (OSError, TimeoutError) as exc:
+        out(f"FAIL bridge: not reachable at {base} ({exc}) -- start it with `python bridge.py`")
+        return 1
+    if status != 200 or "tab_details" not in health:
+        out(f"FAIL bridge: {base}/health answered {status} without details -- run doctor on the bridge's "
+            "machine, or set api_key in this config as in the bridge's")
+        return 1
+    passed = True
+    for ok, name, detail, todo in doctor_checks(health)[1:] if health.get("config", {}).get("error") is None \
+            else doctor_checks(health):
+        passed &= ok
+        out(f"ok {name}: {detail}" if ok else f"FAIL {name}: {detail} -- {todo}")
+    if args.send:
+        passed &= doctor_send(base, cfg, args.send, out)
+    return 0 if passed else 1
+
+
+def doctor_send(base: str, cfg: Config, model: str, out) -> bool:
+    started = time.monotonic()
+    try:
+        status, answer, headers = call_bridge(base, "/v1/chat/completions", cfg, {
+            "model": model, "messages": [{"role": "user", "content": "Reply with the single word: pong"}]},
+            timeout=cfg.stream_response_timeout_seconds + 15)
+    except (OSError, TimeoutError) as exc:
+        out(f"FAIL send: the bridge stopped answering ({exc}) -- see its log")
+        return False
+    took = (time.monotonic() - started) * 1000
+    if status != 200:
+        out(f"FAIL send: {model} answered {status}: {error_message(answer, status)} -- follow the message above")
+        return False
+    text = ((answer.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
+    words = " ".join(text.split()[:8])
+    stages = ""
+    rid = (headers.get("X-Request-Id") or headers.get("x-request-id") or "")[:8]
+    with contextlib.suppress(OSError, TimeoutError, ValueError, KeyError):
+        _, health, _ = call_bridge(base, "/health", cfg)
+        for r in health.get("recent_requests") or []:
+            if r["id"] == rid:
+                stages = ", ".join(f"{k} {v:.0f} ms" for k, v in r["stages_ms"].items())
+    out(f"ok send: {model} answered {words!r} in {took:.0f} ms" + (f" ({stages})" if stages else ""))
+    return True
 
 
 def cmd_update(args) -> int:
@@ -2861,7 +5193,7 @@ async def serve(files: UserFiles, host: str | None, port: int | None) -> bool:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, bridge.exit_event.set)
     print(f"LMArena Bridge {VERSION} listening on {bridge.url} (API: {bridge.url}/v1, "
-          f"tabs: ws://{bridge.url[7:]}/ws)", flush=True)
+          f"status page: {bridge.url}/, tabs: ws://{bridge.url[7:]}/ws)", flush=True)
     await bridge.exit_event.wait()
     log.info("shutting down" if not bridge.restart_requested else "restarting")
     await bridge.stop()
@@ -2875,7 +5207,7 @@ def main(argv: list[str] | None = None) -> int:
         if a in SUBCOMMANDS:
             command = argv.pop(i)
             break
-        if not a.startswith("-") and (i == 0 or argv[i - 1] not in ("--config", "--host", "--port")):
+        if not a.startswith("-") and (i == 0 or argv[i - 1] not in ("--config", "--host", "--port", "--bridge")):
             print(f"error: unknown command {a!r}; use one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
             return 2
     args = build_parser(command).parse_args(argv)
@@ -2885,9 +5217,11 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_capture(args)
     if command == "update":
         return cmd_update(args)
+    if command == "doctor":
+        return cmd_doctor(args)
     files = load_files(args.config)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    set_log_level(files.config["log_level"])
+    set_log_level(files.config.log_level)
     restart = asyncio.run(serve(files, args.host, args.port))
     if restart:
         sys.stdout.flush()

@@ -58,7 +58,7 @@ class FakeTab:
         self.script = script if script is not None else lines("Hello ", "world!") + ["[DONE]"]
         self.origin = origin
         self.hello = hello
-        self.tasks, self.commands = [], []
+        self.tasks, self.commands, self.token_windows = [], [], []
         self.ws = None
         self.on_command = None        # msg -> list of replies (e.g. ids_captured)
         self.record = True            # keep tasks and commands for assertions
@@ -79,6 +79,9 @@ class FakeTab:
                     if self.record:
                         self.tasks.append(msg)
                     asyncio.get_running_loop().create_task(self.play(msg["request_id"], msg))
+                elif msg.get("command") == "keep_token_ready":
+                    if self.record:
+                        self.token_windows.append(msg)
                 else:
                     if self.record:
                         self.commands.append(msg)
@@ -125,7 +128,7 @@ class FakeTab:
 class Harness:
     """A real Bridge on 127.0.0.1:0 in a thread of its own, with user files in a temp folder."""
 
-    def __init__(self, config=None, models=None, endpoint_map=None, raw_config=None):
+    def __init__(self, config=None, models=None, endpoint_map=None, raw_config=None, overrides=None):
         self.dir = tempfile.mkdtemp(prefix="bridge-test-")
         self.config_path = os.path.join(self.dir, "config.jsonc")
         with open(os.path.join(HERE, "config.jsonc"), encoding="utf-8") as f:
@@ -139,9 +142,9 @@ class Harness:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        files = bridge.UserFiles(self.config_path)
+        files = bridge.UserFiles(self.config_path, overrides)
         files.load_all(report=lambda m: None)
-        bridge.set_log_level(files.config["log_level"])
+        bridge.set_log_level(files.config.log_level)
         self.bridge = self.run(self._start(files))
         self.port = self.bridge.port
         self.url = f"http://127.0.0.1:{self.port}"
@@ -197,9 +200,10 @@ class BridgeCase(unittest.TestCase):
     config = None
     models = None
     endpoint_map = None
+    overrides = None        # Config fields set for this bridge only (limits), not written to the file
 
     def setUp(self):
-        self.h = Harness(self.config, self.models, self.endpoint_map)
+        self.h = Harness(self.config, self.models, self.endpoint_map, overrides=self.overrides)
         self.addCleanup(self.h.close)
 
     # raw HTTP helpers
@@ -329,28 +333,33 @@ class ChatEndToEnd(BridgeCase):
         self.assertTrue(all(c.usage is None for c in chunks[:-1]))
 
     def test_no_tab_is_503_with_instructions(self):
-        """No tab connected: 503 no_tab_connected with Retry-After and how to connect one."""
+        """No tab connected: 503 no_tab_connected at once, saying how to connect one."""
         with self.assertRaises(openai.APIStatusError) as cm:
             self.h.ask()
         self.assertEqual(cm.exception.status_code, 503)
         self.assertEqual(cm.exception.code, "no_tab_connected")
         self.assertIn("userscript", cm.exception.message)
-        self.assertTrue(cm.exception.response.headers.get("retry-after"))
+        # No Retry-After: SDKs would retry for seconds with no tab to answer (README, Errors).
+        self.assertIsNone(cm.exception.response.headers.get("retry-after"))
 
-    def test_task_payload_has_original_fields_and_request(self):
-        """The task carries the original payload fields plus the complete LMArena request."""
+    def test_task_payload_is_a_create_evaluation_request(self):
+        """With the shipped config the task is a create-evaluation request built as PROTOCOL 2.2 says."""
         tab = self.h.tab()
-        self.h.ask()
+        self.h.ask("hello there")
         p = tab.tasks[0]["payload"]
         for key in ("message_templates", "target_model_id", "session_id", "message_id", "is_image_request"):
             self.assertIn(key, p)
-        self.assertEqual(p["target_model_id"], MODEL_UUID)
         r = p["request"]
-        self.assertEqual(r["method"], "PUT")
-        self.assertEqual(r["path"], f"/nextjs-api/stream/retry-evaluation-session-message/{SID}/messages/{MID}")
-        self.assertEqual(r["recaptcha_action"], "chat_retry")
-        self.assertEqual(r["body"]["modelId"], MODEL_UUID)
-        self.assertEqual(r["body"]["messages"][-1]["status"], "pending")
+        self.assertEqual((r["method"], r["path"], r["recaptcha_action"]),
+                         ("POST", "/nextjs-api/stream/create-evaluation", "chat_submit"))
+        b = r["body"]
+        self.assertEqual((b["mode"], b["modelAId"], b["modality"]), ("direct-battle", MODEL_UUID, "chat"))
+        self.assertEqual(b["userMessage"], {"content": "hello there", "experimental_attachments": [], "metadata": {}})
+        ids = [b["id"], b["userMessageId"], b["modelAMessageId"], b["modelBMessageId"]]
+        self.assertEqual(len(set(ids)), 4)
+        for i in ids:
+            self.assertEqual(i[14], "7", i)           # UUIDv7
+        self.assertEqual(p["session_id"], b["id"])
 
     def test_tab_closes_mid_stream(self):
         """A tab that vanishes mid-answer: an error event then [DONE], within a second."""
@@ -499,6 +508,7 @@ class EmptyModels(BridgeCase):
 
 
 class TabSocket(BridgeCase):
+    overrides = {"ws_ping_interval_seconds": 0.1}
     config = {"allowed_tab_origins": ["http://127.0.0.1:8123"]}
 
     def test_foreign_origin_refused(self):
@@ -533,16 +543,7 @@ class TabSocket(BridgeCase):
                 ping_seen.set()
             return orig(data)
         tab.ws.protocol.receive_data = spy
-        old = bridge.WS_PING_INTERVAL
-        try:
-            bridge.WS_PING_INTERVAL = 0.1
-            self.h.run(self._restart_ping())
-            self.assertTrue(ping_seen.wait(3))
-        finally:
-            bridge.WS_PING_INTERVAL = old
-
-    async def _restart_ping(self):
-        self.h.bridge.spawn(self.h.bridge.ping_loop())
+        self.assertTrue(ping_seen.wait(3))
 
 
 # (b) Server tests with raw sockets ==================================================================
@@ -842,10 +843,13 @@ class RequestTranslation(unittest.TestCase):
 
     def test_model_resolution(self):
         """models.json: uuid, uuid:image, null:image; unknown -> null, or 404 with similar names."""
-        self.assertEqual(bridge.resolve_model("test-model", MODELS, False), (MODEL_UUID, False))
-        self.assertEqual(bridge.resolve_model("image-model", MODELS, False), (IMAGE_UUID, True))
-        self.assertEqual(bridge.resolve_model("keep-model", MODELS, False), (None, True))
-        self.assertEqual(bridge.resolve_model("other", MODELS, False), (None, False))
+        self.assertEqual(bridge.resolve_model("test-model", MODELS, False), bridge.ModelRef(MODEL_UUID, "chat"))
+        self.assertEqual(bridge.resolve_model("image-model", MODELS, False), bridge.ModelRef(IMAGE_UUID, "image"))
+        self.assertEqual(bridge.resolve_model("keep-model", MODELS, False), bridge.ModelRef(None, "image"))
+        self.assertEqual(bridge.resolve_model("other", MODELS, False), bridge.ModelRef(None, "chat"))
+        self.assertEqual(bridge.parse_model_value(f"{MODEL_UUID}:search"), bridge.ModelRef(MODEL_UUID, "search"))
+        self.assertEqual(bridge.parse_model_value(f"{MODEL_UUID}:webdev").modality, "webdev")
+        self.assertEqual(bridge.parse_model_value(f"{MODEL_UUID}:bogus").modality, "chat")
         with self.assertRaises(bridge.ApiError) as cm:
             bridge.resolve_model("test-modl", MODELS, True)
         self.assertEqual((cm.exception.status, cm.exception.code), (404, "model_not_found"))
@@ -956,7 +960,7 @@ class ChunkShapes(unittest.TestCase):
 
 
 class TranslationEndToEnd(BridgeCase):
-    config = {"stream_response_timeout_seconds": 0.5, "cloudflare_wait_seconds": 3}
+    config = {"stream_response_timeout_seconds": 0.5, "cloudflare_wait_seconds": 3, "session_mode": "retry"}
     endpoint_map = {"pooled": [{"session_id": SID, "message_id": MID, "mode": "direct_chat"},
                                {"session_id": SID2, "message_id": MID2, "mode": "battle", "battle_target": "B"}],
                     "single": {"session_id": SID2, "message_id": MID2}}
@@ -992,17 +996,17 @@ class TranslationEndToEnd(BridgeCase):
         for item, status, code in cases:
             tab.script = [item, "[DONE]"]
             for stream in (False, True):
+                self.h.bridge.tabs[0].cool_until = 0       # each case on a rested tab
                 err = self.assert_api_error(status, code, stream=stream)
                 if status == 429:
                     self.assertEqual(err.response.headers["retry-after"], "30")
 
     def test_runaway_answer_is_capped(self):
-        """A non-streaming answer larger than MAX_ANSWER_CHARS ends with 502 and the tab is told."""
-        self.addCleanup(setattr, bridge, "MAX_ANSWER_CHARS", bridge.MAX_ANSWER_CHARS)
-        bridge.MAX_ANSWER_CHARS = 1000
+        """An answer larger than max_answer_chars ends with 502 and the tab is told."""
+        self.h.bridge.files.config = self.h.bridge.files.config.replace(max_answer_chars=1000)
         tab = self.h.tab(lines(*["x" * 100] * 20) + ["[DONE]"])
         err = self.assert_api_error(502, "upstream_error")
-        self.assertIn("stream=true", err.message)
+        self.assertIn("max_answer_chars", err.message)
         tab.wait_command("abort")
 
     def test_stream_timeout_is_504(self):
@@ -1040,11 +1044,18 @@ class TranslationEndToEnd(BridgeCase):
         self.assert_api_error(503, "cloudflare_challenge")
         self.assertGreater(time.time() - t0, 2.5)
 
-    def test_tools_refused(self):
-        """`tools` gets a clear 400 tools_not_supported."""
-        self.h.tab()
-        self.assert_api_error(400, "tools_not_supported", tools=[{"type": "function", "function": {
-            "name": "f", "parameters": {"type": "object", "properties": {}}}}])
+    def test_retry_task_payload(self):
+        """In retry mode the task regenerates the captured message with the whole history (2.4)."""
+        tab = self.h.tab()
+        self.create()
+        p = tab.tasks[0]["payload"]
+        self.assertEqual(p["target_model_id"], MODEL_UUID)
+        r = p["request"]
+        self.assertEqual(r["method"], "PUT")
+        self.assertEqual(r["path"], f"/nextjs-api/stream/retry-evaluation-session-message/{SID}/messages/{MID}")
+        self.assertEqual(r["recaptcha_action"], "chat_retry")
+        self.assertEqual(r["body"]["modelId"], MODEL_UUID)
+        self.assertEqual(r["body"]["messages"][-1]["status"], "pending")
 
     def test_unknown_params_ignored_and_unknown_model_sent_as_null(self):
         """Unknown sampling parameters are ignored; an unknown model is sent with modelId null."""
@@ -1109,7 +1120,7 @@ class TranslationEndToEnd(BridgeCase):
 
 
 class SessionConfig(BridgeCase):
-    config = {"session_id": "YOUR_SESSION_ID", "strict_models": True}
+    config = {"session_id": "YOUR_SESSION_ID", "strict_models": True, "session_mode": "retry"}
 
     def test_placeholder_ids_refused(self):
         """Placeholder ids give 400 session_not_configured telling how to capture."""
@@ -1128,7 +1139,7 @@ class SessionConfig(BridgeCase):
 
 
 class NoDefaults(BridgeCase):
-    config = {"use_default_ids_if_mapping_not_found": False}
+    config = {"use_default_ids_if_mapping_not_found": False, "session_mode": "retry"}
 
     def test_no_mapping_is_400(self):
         """Without a mapping and with defaults disabled: 400 that explains how to add one."""
@@ -1167,6 +1178,7 @@ def answer_capture(sid=SID2, mid=MID2):
 
 
 class Capture(BridgeCase):
+    config = {"session_mode": "retry"}
     endpoint_map = {"solo": {"session_id": SID, "message_id": MID}}
 
     def cli(self, *args, timeout=30):
@@ -1282,7 +1294,7 @@ class ModelSync(BridgeCase):
         r = run_cli("models", "--config", self.h.config_path)
         self.assertEqual(r.returncode, 0)
         self.assertRegex(r.stdout, r"painter\s+aaaaaaaa-0000-4000-8000-000000000002\s+image")
-        self.assertRegex(r.stdout, r"text-one\s+aaaaaaaa-0000-4000-8000-000000000001\s+text")
+        self.assertRegex(r.stdout, r"text-one\s+aaaaaaaa-0000-4000-8000-000000000001\s+chat")
 
 
 class FileServer:
@@ -1480,7 +1492,9 @@ class StartupAndRestart(unittest.TestCase):
             body = json.dumps(chat(stream=True)).encode()
             writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%b"
                          % (len(body), body))
-            task = json.loads(await ws.recv())
+            task = {}
+            while "payload" not in task:
+                task = json.loads(await asyncio.wait_for(ws.recv(), 10))
             await ws.send(json.dumps({"request_id": task["request_id"], "data": 'a0:"part"\n'}))
             head = await reader.readuntil(b"\r\n\r\n")
             t0 = time.time()
@@ -1509,7 +1523,10 @@ class StartupAndRestart(unittest.TestCase):
 
         async def tab():
             ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws", origin="https://lmarena.ai")
-            return json.loads(await asyncio.wait_for(ws.recv(), 10))
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if msg.get("command") != "keep_token_ready":
+                    return msg
         self.assertEqual(loop.run_until_complete(tab()), {"command": "reconnect"})
         self.listening(p)        # the new process says it listens again
         self.assertIsNone(p.poll())
@@ -1652,7 +1669,8 @@ class Security(BridgeCase):
         self.assertNotIn("SECRET-PROMPT", text)
         request_lines = [r.getMessage() for r in records if "/v1/chat/completions" in r.getMessage()]
         self.assertEqual(len(request_lines), 1)
-        self.assertRegex(request_lines[0], r"model=test-model tab=tab\d+ status=200 \d+ms")
+        self.assertRegex(request_lines[0], r"^[0-9a-f]{8} POST /v1/chat/completions model='test-model' tab=tab\d+ "
+                                           r"status=200 \d+ms$")
 
 
 class ExposedWarning(unittest.TestCase):
@@ -1698,7 +1716,7 @@ class SlowClients(BridgeCase):
 
     def test_connection_cap(self):
         """Past max_connections new connections get 503 at once."""
-        self.h.bridge.files.config["max_connections"] = 5
+        self.h.bridge.files.config = self.h.bridge.files.config.replace(max_connections=5)
         held = [self.connect() for _ in range(5)]
         self.h.wait(lambda: len(self.h.bridge.connections) == 5)
         raw = self.raw(get_req())
@@ -1708,9 +1726,7 @@ class SlowClients(BridgeCase):
     def test_client_that_stops_reading_is_dropped(self):
         """A client that stops reading a stream does not grow memory without bound: past the cap
         it is dropped and the tab told to abort."""
-        old = bridge.MAX_PENDING_OUTPUT
-        bridge.MAX_PENDING_OUTPUT = 256 * 1024
-        self.addCleanup(setattr, bridge, "MAX_PENDING_OUTPUT", old)
+        self.h.bridge.files.config = self.h.bridge.files.config.replace(max_pending_output_bytes=256 * 1024)
         piece = json.dumps("x" * 8000)
         tab = self.h.tab([f"a0:{piece}\n"] * 3000 + ["[DONE]"])
         s = socket.socket()
@@ -1849,7 +1865,7 @@ class Soak(BridgeCase):
                     s.close()
 
         batch(200)              # warm up caches and pools
-        self.h.wait(lambda: not self.h.bridge.jobs and len(self.h.bridge.connections) == 2, timeout=10)
+        self.h.wait(lambda: not self.h.bridge.jobs and not self.h.bridge.connections, timeout=10)
         gc.collect()
         tracemalloc.start()
         self.addCleanup(tracemalloc.stop)
@@ -1860,7 +1876,7 @@ class Soak(BridgeCase):
         for t in threads:
             t.join()
         self.h.wait(lambda: not self.h.bridge.jobs, timeout=10, what="jobs drained")
-        self.h.wait(lambda: len(self.h.bridge.connections) == 2, timeout=10, what="connections closed")
+        self.h.wait(lambda: not self.h.bridge.connections, timeout=10, what="connections closed")
         b = self.h.bridge
         self.assertEqual([len(t.jobs) for t in b.tabs], [0, 0])
         self.assertFalse(b.dirty)
