@@ -1112,13 +1112,13 @@ def build_evaluation_request(ref: ModelRef, content: str, attachments: list, con
     for key, value in (learned or {}).items():
         if key not in OWN_FIELDS:
             body[key] = copy.deepcopy(value)
-    user_message = {"content": content, "experimental_attachments": attachments, "metadata": {}}
     learned_user = (learned or {}).get("userMessage")
-    if isinstance(learned_user, dict):
-        for key, value in learned_user.items():
-            user_message.setdefault(key, copy.deepcopy(value))
-    if not isinstance(user_message["metadata"], dict):
-        user_message["metadata"] = {}
+    learned_user = learned_user if isinstance(learned_user, dict) else {}
+    meta = learned_user.get("metadata")       # ours is empty: the learned keys add, never override
+    user_message = {"content": content, "experimental_attachments": attachments,
+                    "metadata": copy.deepcopy(meta) if isinstance(meta, dict) else {}}
+    for key, value in learned_user.items():
+        user_message.setdefault(key, copy.deepcopy(value))
     body.update({"id": conv, "mode": "direct-battle", "modelAId": ref.id, "userMessageId": user_id,
                  "modelAMessageId": a_id, "modelBMessageId": b_id, "userMessage": user_message,
                  "modality": ref.modality})
@@ -4519,8 +4519,13 @@ class Bridge:
         self.jobs.pop(job.id, None)
         self.dirty.discard(job)      # the route, woken, writes what is left with the ending
         plan = job.plan
-        if (job.error or job.client_gone) and plan is not None and plan.session is None \
-                and plan.conversation_id and not self.files.config.continue_conversations:
+        if plan is None or plan.session is not None or not plan.conversation_id:
+            return
+        failed = job.error is not None or job.client_gone
+        if plan.followup is not None:
+            if failed:               # half an answer on LMArena's side: never continue it
+                self.memory.forget(plan.followup)
+        elif failed or not self.files.config.continue_conversations:
             self.cleanup_conversation(plan.conversation_id)
 
     # -- tabs --
