@@ -1,36 +1,53 @@
 #!/usr/bin/env python3
-"""LMArena Bridge: an OpenAI-compatible API served from your own logged-in LMArena browser tab.
+"""LMArena Bridge: OpenAI- and Anthropic-compatible APIs served from your own logged-in LMArena tab.
 
 One file, asyncio, a hand-rolled HTTP/1.1 server with the tab WebSocket on the same port.
 Run-time dependencies: ``websockets`` (all WebSocket framing, Sans-I/O) and ``json5`` (config files).
 
 Run
     python bridge.py [--config PATH] [--host H] [--port N]    serve (prints "listening on http://H:P")
+    python bridge.py doctor [--send MODEL]                      check every link from here to LMArena
     python bridge.py capture [--mode direct_chat|battle] [--target A|B] [--model NAME] [--timeout S]
     python bridge.py models                                     list the known models
     python bridge.py update                                     install a newer version (see update_url)
 Exit codes: 0 done, 1 could not do it (explained in one line), 2 bad usage or broken file.
 
+How a request reaches LMArena (PROTOCOL.md in this repository has the facts and their sources)
+    session_mode "create" (default): each request starts a conversation with create-evaluation; a
+    whole OpenAI conversation is folded into one user turn (fold_turns). A client that sends back
+    our exact answer plus new turns is continued with post-to-evaluation (Conversations); if that
+    fails before any output, the same request falls back to a new conversation. "retry": the
+    original's captured session, regenerated with a fabricated history (build_retry_request).
+    Tools are described in the prompt and calls read back out of the text (section 8).
+
 HTTP endpoints (same port as the tab socket)
-    POST /v1/chat/completions      OpenAI chat, streaming (SSE) or not
+    POST /v1/chat/completions      OpenAI chat, streaming (SSE) or not, with function calling
+    POST /v1/messages              Anthropic Messages API (and /v1/messages/count_tokens)
     POST /v1/images/generations    OpenAI image generation (n tasks in parallel)
     GET  /v1/models, /v1/models/{id}
-    GET  /health                   {"status", "version", "tabs", "tasks_in_flight", ...}
+    GET  /health                   {"status", "version", "tabs", "tasks_in_flight", ...}; details
+                                   (tabs, stages, recent requests) for this machine or the API key
+    GET  /                         status page (HTML): the doctor's checks, tabs, recent requests
     POST /internal/id_capture      arms the tabs, waits for a Retry click (loopback + API key)
     GET  /ws                       WebSocket for userscript tabs (LMArena origins only)
 
-Tab protocol (JSON text messages; see PROTOCOL.md section 1)
+Tab protocol (JSON text messages; PROTOCOL.md section 1)
     bridge -> tab  {"request_id", "payload": {message_templates, target_model_id, session_id,
-                   message_id, is_image_request, request: {method, path, body, recaptcha_action}}}
-                   {"command": "abort"|"refresh"|"reconnect"|"activate_id_capture"|"send_models"|...}
+                   message_id, is_image_request, request: {method, path, body, recaptcha_action,
+                   recaptcha?, rediscover_site_key?}}}
+                   {"command": "abort"|"refresh"|"reconnect"|"activate_id_capture"|"send_models"|
+                               "keep_token_ready"|"send_status"|"cleanup_conversation"|...}
     tab -> bridge  {"request_id", "data": "<raw LMArena text>" | "[DONE]" | {"error", "status", "retry_after"}}
-                   {"type": "hello"|"ids_captured"|"models", ...}
+                   {"request_id", "event": "token_ready"|"upstream_headers"}
+                   {"type": "hello"|"ids_captured"|"models"|"status"|"request_shape"|"log", ...}
 
-Limits and timeouts (config.jsonc keys; defaults)
+Limits and timeouts (Config fields; config.jsonc keys; defaults)
     max_head_bytes 65536          request line + headers; 431 above (nginx 8 KiB, node 16 KiB, h11 16 KiB;
                                   larger here because some clients send long cookies to localhost)
     max_body_bytes 64 MiB         request body; 413 above (several base64 images fit)
     max_attachment_bytes 5 MiB    one decoded attachment; LMArena refuses more as a data URL
+    max_messages 5000             messages in one request; 413 above (a million tiny ones froze the loop)
+    max_prompt_chars 0            the text sent as one turn; 413 prompt_too_long above (0: no limit)
     head_timeout_seconds 10       whole request head, from its first byte (408)
     body_timeout_seconds 60       whole request body (408)
     keep_alive_timeout_seconds 15 idle time between requests on one connection
@@ -38,6 +55,9 @@ Limits and timeouts (config.jsonc keys; defaults)
     first_byte_hold_seconds 10    streaming: hold the 200 until the tab answers, so errors keep their status
     keepalive_interval_seconds 15 ": keep-alive" SSE comments while waiting
     stream_response_timeout_seconds 360   no data from the tab for that long: 504
+    tab_cooldown_seconds 60       a tab rests after a 429 or a refused bot check
+    max_pending_output_bytes 8 MiB, max_answer_chars 64 Mi, ws_ping_interval_seconds 20,
+    ws_ping_timeout_seconds 20, token_ready_seconds 600: see Config
 Table of contents: grep -n '^# [0-9]' bridge.py
 """
 from __future__ import annotations
@@ -1331,84 +1351,331 @@ def retry_plan(err: ApiError, followup: bool, attempt: int) -> dict | None:
 
 
 class ArenaStreamParser:
-    """LMArena's `<side><code>:<JSON>\\n` lines -> events, however the text is cut into chunks.
+    """LMArena's response stream (PROTOCOL.md 2.6) -> events, however the text is cut into chunks.
 
-    Events (tuples): ("text", json_literal, text), ("reasoning", text), ("image", url),
-    ("finish", openai_reason, usage_or_None), ("error", ApiError). Lines of the other battle side,
-    heartbeats and unknown codes are dropped. Bytes are decoded incrementally (a UTF-8 character
-    may be split), and only complete lines are parsed (a JSON string may be split)."""
+    Dialects, told apart by the first bytes:
+      A/B  rows `<lane><code>:<JSON value>`, one per line (A, maybe `data: `-prefixed) or run together
+           with no delimiter after an optional request-echo object (B). Both are read the same way:
+           exactly one JSON value after each `<lane><code>:`, string- and bracket-aware, so a newline
+           is never needed to end a row.
+      C    typed server-sent events, `data: {"type": ...}` lines ending with `data: [DONE]`.
+    Events (tuples): ("text", json_literal_or_None, text), ("reasoning", text), ("image", url),
+    ("finish", openai_reason, usage_or_None), ("error", ApiError). `citations` collects sources
+    (dicts with `url`, maybe `title`), deduplicated by url; `unknown` counts ignored unknown codes/types.
 
-    __slots__ = ("side", "pending", "decoder", "citations", "tool_args", "finished")
+    Exact at any split: a value cut by the end of the buffered text waits for more (`pending`), a
+    value that can never become JSON is skipped to the next plausible row start, and every decision
+    depends only on text that has arrived, so feeding the stream whole or byte by byte gives the same
+    events. Job.on_tab_data relies on `side` and on `pending` being empty between whole rows."""
+
+    __slots__ = ("side", "pending", "decoder", "citations", "tool_args", "finished", "unknown",
+                 "mode", "_head", "_data_head", "_wait", "_urls")
+
+    # Dialects (`mode`); None until the first bytes tell.
+    ROWS, TYPED = "rows", "typed"
+
+    # Codes and types the protocol lists that carry nothing the client sees; anything else not
+    # handled is counted in `unknown` (LMArena adds codes without notice: counting shows it happened).
+    IGNORED_CODES = frozenset("efbk89a")
+    IGNORED_TYPES = frozenset(("start", "text-start", "text-end", "reasoning-start", "reasoning-end",
+                               "start-step", "finish-step"))
+
+    # `_value` results: the end index, or one of these.
+    _WAIT, _BAD = -1, -2
+
+    # A row head, after what may separate rows: SSE-style blank lines and `data: ` prefixes.
+    # Always matches; group 2 is None when no row head follows the separators. The separators are
+    # any mix of whitespace and `data:` so that a buffer ending inside them can drop what it has read
+    # (the rest of the run continues the same pattern: exact at any split).
+    _ROW_HEAD = re.compile(r'(?:[ \t\r\n\ufeff]|data:)*(?:([ab]?)([0-9A-Za-z]):[ \t]*)?')
+    # Where to resume after text that is not a row: a line start, or a row head whose value starts
+    # like a string/object/array (digits and `tfn` would resync inside prose). Whether a position
+    # matches depends on at most 4 characters and a match is at least 3 long, so the first match
+    # found in the buffer is also the first in any longer text (see `_resync`).
+    _RESYNC = re.compile(r'\n|[ab]?[0-9A-Za-z]:["{\[]')
+    _SPACE = re.compile(r'[ \t\r\n\ufeff]*')
+    _HSPACE = re.compile(r'[ \t]*')
+    # Tails of the buffer that json's errors leave when the text was only cut short (error position
+    # onward): a cut \\uXXXX escape, a cut literal/sign (json also takes NaN and Infinity), and a number
+    # whose fraction or exponent has not arrived (json stops the number before `.`/`e`).
+    _CUT_ESCAPE = re.compile(r'u[0-9a-fA-F]{0,4}')
+    _CUT_LITERAL = re.compile(r'-?(?:I(?:n(?:f(?:i(?:n(?:i(?:t)?)?)?)?)?)?)?|t(?:r(?:u)?)?'
+                              r'|f(?:a(?:l(?:s)?)?)?|n(?:u(?:l)?)?|N(?:a)?')
+    _CUT_NUMBER = re.compile(r'(?:[.eE][-+]?)?')
+    # While a long string/object/array arrives in pieces (a base64 image, B's request echo), its
+    # brackets and strings are followed through each new chunk only (`_track`), and the value is
+    # parsed again only once it may have ended: linear, not quadratic, in its length.
+    _OUTSIDE = re.compile(r'[^"\[\]{}\n]*')
+    _IN_STRING = re.compile(r'[^"\\\n]*(?:\\[^\n][^"\\\n]*)*')
+    _LINE = "line"                         # `_wait` of typed SSE: the rest of a line
+
+    _raw_decode = staticmethod(json.JSONDecoder().raw_decode)
 
     def __init__(self, side: str = "a"):
+        # Fixed for the stream
         self.side = side
-        self.pending = ""
-        self.decoder = None
+        self._head = side + '0:"'          # our text delta, the row most streams are made of
+        self._data_head = "data: " + self._head
+        # Per-stream state
+        self.mode = None
+        self.pending = ""                  # text received but not parsed yet (an unfinished row)
+        self._wait = None                  # what a non-empty `pending` waits for: see _still_waiting
+        self.decoder = None                # UTF-8 decoder, made on the first bytes chunk
         self.citations: list[dict] = []
+        self._urls: set[str] = set()
         self.tool_args: dict[str, str] = {}
         self.finished = False
+        self.unknown = 0
 
     def feed(self, chunk) -> list:
-        if isinstance(chunk, (bytes, bytearray)):
+        if type(chunk) is not str:
             if self.decoder is None:
                 self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
             chunk = self.decoder.decode(chunk)
-        if "\n" not in chunk:
-            self.pending += chunk
+        if self.pending:
+            if self._wait is not None and self._still_waiting(chunk):
+                self.pending += chunk
+                return []
+            chunk = self.pending + chunk
+        elif not chunk:
             return []
-        lines = (self.pending + chunk).split("\n")
-        self.pending = lines.pop()
         events = []
-        for line in lines:
-            self._line(line, events)
+        mode = self.mode or self._detect(chunk, False)
+        if mode is self.ROWS:
+            self.pending = self._rows(chunk, events, False)
+        elif mode is self.TYPED:
+            self.pending = self._lines(chunk, events, False)
+        else:
+            self.pending = chunk
         return events
 
     def close(self) -> list:
-        """End of stream: parse a last line that had no newline."""
-        events = []
+        """End of stream: parse what is left; a value still unfinished is dropped."""
+        s = self.pending
         if self.decoder is not None:
-            self.pending += self.decoder.decode(b"", final=True)
-        if self.pending.strip():
-            self._line(self.pending, events)
-        self.pending = ""
+            s += self.decoder.decode(b"", final=True)
+        self.pending, self._wait = "", None
+        events = []
+        if s:
+            if (self.mode or self._detect(s, True)) is self.ROWS:
+                self._rows(s, events, True)
+            else:
+                self._lines(s, events, True)
         return events
 
-    def _line(self, line: str, events: list) -> None:
-        if line.endswith("\r"):
-            line = line[:-1]
-        if len(line) < 3 or line[2] != ":" or line[0] not in "ab":
-            self._odd_line(line, events)
-            return
-        if line[0] != self.side:
-            return
-        code, payload = line[1], line[3:]
-        if code == "0" and payload[:1] == '"':
-            # Text deltas are most of the stream: scan the string literal without a full JSON parse.
-            try:
-                value, end = _scan_json_string(payload, 1)
-            except ValueError:
-                end = -1
-            if end == len(payload):
-                if value == "hasArenaError":
-                    events.append(("error", ApiError(502, "LMArena failed to answer this turn "
-                                                     "(hasArenaError). Try again or pick another model.",
-                                                     "upstream_error")))
-                elif value:
-                    events.append(("text", payload, value))
-                return
+    # -- dialect detection --
+
+    def _detect(self, s: str, final: bool):
+        """Typed SSE starts with `data: {` (or `data: [DONE]`) or an SSE comment; anything else is
+        rows. Returns None while the first bytes cannot tell yet."""
+        n = len(s)
+        w = self._SPACE.match(s).end()
+        if w == n:
+            mode = self.ROWS if final else None
+        elif s.startswith("data:", w):
+            p = self._HSPACE.match(s, w + 5).end()
+            if p == n:
+                mode = self.ROWS if final else None
+            else:
+                mode = self.TYPED if s[p] in "{[" else self.ROWS
+        elif s[w] == ":":
+            mode = self.TYPED
+        elif not final and n - w < 5 and "data:".startswith(s[w:]):
+            mode = None
+        else:
+            mode = self.ROWS
+        self.mode = mode
+        return mode
+
+    # -- dialects A and B: rows --
+
+    def _rows(self, s: str, events: list, final: bool) -> str:
+        """Parse rows from `s`; returns the unparsed rest (always "" when `final`)."""
+        self._wait = None
+        head, data_head, side = self._head, self._data_head, self.side
+        n, i = len(s), 0
+        while i < n:
+            # Our own text delta, most of the stream: a C string scan, no regex. The general path
+            # below reads these rows the same way; this only saves time.
+            h = i + 3 if s.startswith(head, i) else i + 9 if s.startswith(data_head, i) else 0
+            if h:
+                try:
+                    text, end = _scan_json_string(s, h + 1)
+                except ValueError:
+                    pass                       # cut or broken: the general path decides which
+                else:
+                    if text:
+                        if text == "hasArenaError":
+                            events.append(("error", self._arena_failed()))
+                        else:
+                            events.append(("text", s[h:end], text))
+                    i = end + 1 if s.startswith("\n", end) else end
+                    if i < n and s[i] in "\r\n":
+                        i = self._SPACE.match(s, i).end()
+                    continue
+            m = self._ROW_HEAD.match(s, i)
+            code = m.group(2)
+            if code is None:
+                k = self._not_a_row(s, m.end(), events, final)
+                if k < 0:
+                    return s[i:] if k == -1 else ""
+                i = k
+                continue
+            j = m.end()
+            value, end = self._value(s, j, final)
+            if end >= 0:
+                lane = m.group(1)
+                if not lane or lane == side:    # a lane-less row is ours; the other lane's is not
+                    self._row(code, value, s, j, end, events)
+                i = end
+            elif end == self._WAIT:
+                if final:
+                    log.debug("LMArena stream ended inside a row; dropped: %.200s", s[i:])
+                    return ""
+                if s[j:j + 1] in ('"', "{", "["):
+                    self._wait = self._track(s, j, (0, False, False))
+                return s[i:]
+            else:
+                k = self._resync(s, j, final)
+                if k < 0:
+                    return s[i:]
+                log.debug("malformed LMArena row dropped: %.200s", s[i:k])
+                i = k
+        return ""
+
+    def _not_a_row(self, s: str, w: int, events: list, final: bool) -> int:
+        """Text at `w` that is no row head: a JSON object (B's request echo, an error body, a typed
+        event) or other text (a Cloudflare page, ...). Returns where to go on, -1 to wait for more
+        text, -2 when a final leftover was dropped."""
+        n = len(s)
+        if w >= n:
+            return n
+        c = s[w]
+        if c == "{" or c == "[":
+            value, end = self._value(s, w, final)
+            if end >= 0:
+                if isinstance(value, dict):
+                    self._object(value, s[w:end], events)
+                else:
+                    log.debug("JSON array between LMArena rows ignored: %.200s", s[w:end])
+                return end
+            if end == self._WAIT:
+                if final:
+                    self._junk(s[w:], events)     # a cut error body is still an error
+                    return -2
+                self._wait = self._track(s, w, (0, False, False))
+                return -1
+        # Other text runs to the next plausible row start. A row head cut by the buffer's end (`a0`,
+        # `data: a`) waits here too: no resync match can end inside it.
+        k = self._resync(s, w + 1, final)
+        if k < 0:
+            return -1
+        self._junk(s[w:k], events)
+        return k
+
+    def _resync(self, s: str, start: int, final: bool) -> int:
+        """The next plausible row start at or after `start`; -1: none yet, wait for more text.
+        A match found at k ends by k+4 inside the buffer, and every earlier position was ruled out
+        by at most 4 characters, all before k+3: more text cannot put an earlier match in front."""
+        m = self._RESYNC.search(s, start)
+        if m is not None:
+            return m.start()
+        return len(s) if final else -1
+
+    def _still_waiting(self, chunk: str) -> bool:
+        """Whether `chunk` surely leaves the waiting value unfinished, so it need only be appended."""
+        wait = self._wait
+        if wait is self._LINE:
+            return "\n" not in chunk
+        wait = self._track(chunk, 0, wait)
+        if wait is None:
+            return False
+        self._wait = wait
+        return True
+
+    def _track(self, s: str, pos: int, state):
+        """Follow strings and brackets through s[pos:] from `state` (depth, in_string, escaped);
+        the state at the end, or None once the value may have ended (its brackets closed) or broke
+        (a raw newline, which JSON.stringify never writes: in dialect A it ends a broken row).
+        A loop turn per quote or bracket, the text between is skipped by a regex."""
+        depth, in_string, escaped = state
+        n = len(s)
+        if escaped and pos < n:
+            pos += 1
+            escaped = False
+        while pos < n:
+            if in_string:
+                pos = self._IN_STRING.match(s, pos).end()
+                if pos >= n:
+                    break
+                c = s[pos]
+                if c == "\\" and pos + 1 == n:
+                    escaped = True
+                    break
+                if c != '"':
+                    return None
+                in_string = False
+                pos += 1
+                if depth <= 0:
+                    return None
+            else:
+                pos = self._OUTSIDE.match(s, pos).end()
+                if pos >= n:
+                    break
+                c = s[pos]
+                pos += 1
+                if c == '"':
+                    in_string = True
+                elif c == "{" or c == "[":
+                    depth += 1
+                elif c == "\n":
+                    return None
+                else:
+                    depth -= 1
+                    if depth <= 0:
+                        return None
+        return depth, in_string, escaped
+
+    def _value(self, s: str, j: int, final: bool):
+        """One JSON value at s[j] -> (value, end), or (None, _WAIT) when the buffer ends before it
+        does, or (None, _BAD) when no further text could make it JSON."""
+        if j >= len(s):
+            return None, self._WAIT
+        c = s[j]
         try:
-            value = _json_decode(payload)
-        except ValueError:
-            log.debug("unparsable LMArena line dropped: %.200s", line)
-            return
+            if c == '"':
+                return _scan_json_string(s, j + 1)
+            value, end = self._raw_decode(s, j)
+        except ValueError as e:
+            return None, self._cut_or_bad(e, s)
+        except RecursionError:
+            return None, self._BAD
+        if not final and c not in "{[" and type(value) in (int, float) \
+                and self._CUT_NUMBER.fullmatch(s, end):
+            return None, self._WAIT        # `12` / `1.` / `1e+` at the end: more digits may follow
+        return value, end
+
+    def _cut_or_bad(self, e: ValueError, s: str) -> int:
+        """Whether json's error means "the text stops too early" (_WAIT) or "this is not JSON" (_BAD):
+        json reports a cut value at the end of the buffer, or at the start of the cut token."""
+        msg, pos = getattr(e, "msg", ""), getattr(e, "pos", 0)
+        if msg.startswith("Unterminated string"):
+            return self._WAIT               # only raised when the closing quote is past the end
+        if msg.startswith("Invalid \\uXXXX"):
+            return self._WAIT if self._CUT_ESCAPE.fullmatch(s, pos) else self._BAD
+        if msg == "Expecting value":
+            return self._WAIT if self._CUT_LITERAL.fullmatch(s, pos) else self._BAD
+        if msg.startswith("Expecting"):     # a delimiter or a property name
+            return self._WAIT if self._CUT_NUMBER.fullmatch(s, pos) else self._BAD
+        return self._BAD                    # control character, bad escape, ...
+
+    def _row(self, code: str, value, s: str, j: int, end: int, events: list) -> None:
         if code == "0":
-            if isinstance(value, str):
+            if isinstance(value, str) and value:
                 if value == "hasArenaError":
-                    events.append(("error", ApiError(502, "LMArena failed to answer this turn "
-                                                     "(hasArenaError). Try again or pick another model.",
-                                                     "upstream_error")))
-                elif value:
-                    events.append(("text", payload.strip(), value))
+                    events.append(("error", self._arena_failed()))
+                else:
+                    events.append(("text", s[j:end], value))
         elif code == "g":
             if isinstance(value, dict):
                 value = value.get("text") or value.get("reasoning") or value.get("delta") or ""
@@ -1418,40 +1685,140 @@ class ArenaStreamParser:
             for part in value if isinstance(value, list) else [value]:
                 if isinstance(part, dict) and part.get("type") == "image":
                     url = part.get("image") or part.get("url")
-                    if not url and part.get("data"):
+                    if not url and isinstance(part.get("data"), str) and part["data"]:
                         url = f"data:{part.get('mimeType') or 'image/png'};base64,{part['data']}"
-                    if url:
+                    if isinstance(url, str) and url:
                         events.append(("image", url))
         elif code == "3":
             events.append(("error", classify_upstream_error(value if isinstance(value, str)
                                                             else json.dumps(value))))
         elif code == "c":
-            self._citation(value)
+            self._citation_delta(value)
         elif code == "d":
-            if not isinstance(value, dict):
-                value = {}
-            reason = value.get("finishReason") or "stop"
-            if reason == "error":
-                events.append(("error", ApiError(502, "LMArena ended the answer with an error.",
-                                                 "upstream_error")))
-                return
-            self.finished = True
-            events.append(("finish", FINISH_REASONS.get(reason, "stop"), value.get("usage")))
-        else:
-            log.debug("LMArena line with unhandled code %r ignored", code)
+            value = value if isinstance(value, dict) else {}
+            self._finish(value.get("finishReason"), value.get("usage"), events)
+        elif code not in self.IGNORED_CODES:
+            self.unknown += 1
+            log.debug("LMArena row with unknown code %r ignored", code)
 
-    def _odd_line(self, line: str, events: list) -> None:
-        stripped = line.strip()
+    # -- dialect C: typed server-sent events --
+
+    def _lines(self, s: str, events: list, final: bool) -> str:
+        """SSE lines (JSON.stringify never writes a raw newline, so a line is a whole event)."""
+        n, i = len(s), 0
+        while i < n:
+            k = s.find("\n", i)
+            if k < 0:
+                if not final:
+                    self._wait = self._LINE
+                    return s[i:]
+                k = n
+            line = s[i:k]                   # a CRLF's "\r" stays: every use below tolerates it
+            i = k + 1
+            if line:
+                self._line(line, events)
+        return ""
+
+    def _line(self, line: str, events: list) -> None:
+        if line.startswith("data:"):
+            payload = line[6:] if line.startswith("data: ") else line[5:]
+            if payload[:1] == "{":
+                try:
+                    value = _json_decode(payload)
+                except ValueError:
+                    self._junk(payload, events)
+                    return
+                self._object(value, payload, events)
+            elif payload.strip() == "[DONE]":
+                return
+            elif payload.strip():
+                self._rows(payload, events, True)   # a row of dialect A sent as an SSE event
+        elif line[0] == ":" or line.startswith(("event:", "id:", "retry:")):
+            return                                   # SSE comment (keep-alive) and fields we need not
+        else:
+            self._junk(line, events)
+
+    def _object(self, obj: dict, literal: str, events: list) -> None:
+        """A whole JSON object outside a row: a typed event, B's request echo or an error body."""
+        if "userMessage" in obj:
+            return                                   # B's echo of our own request
+        kind = obj.get("type")
+        if isinstance(kind, str):
+            self._typed(kind, obj, events)
+        elif "error" in obj or "errors" in obj:
+            events.append(("error", classify_upstream_error(literal)))
+        else:
+            log.debug("JSON object in LMArena stream ignored: %.200s", literal)
+
+    def _typed(self, kind: str, obj: dict, events: list) -> None:
+        if kind == "text-delta":
+            delta = obj.get("delta", obj.get("textDelta"))
+            if isinstance(delta, str) and delta:
+                events.append(("text", None, delta))
+        elif kind == "reasoning-delta":
+            delta = obj.get("delta", obj.get("textDelta"))
+            if isinstance(delta, str) and delta:
+                events.append(("reasoning", delta))
+        elif kind == "source-url":
+            title = obj.get("title")
+            self._add_source({"url": obj.get("url"), "title": title} if isinstance(title, str) and title
+                             else {"url": obj.get("url")})
+        elif kind == "file":
+            url, media = obj.get("url"), obj.get("mediaType")
+            if isinstance(url, str) and url and isinstance(media, str) and media.startswith("image/"):
+                events.append(("image", url))
+        elif kind == "finish":
+            self._finish(obj.get("finishReason"), obj.get("usage"), events)
+        elif kind == "error":
+            text = obj.get("errorText")
+            events.append(("error", classify_upstream_error(text if isinstance(text, str) and text
+                                                            else json.dumps(obj))))
+        elif kind not in self.IGNORED_TYPES and not kind.startswith("tool-"):
+            self.unknown += 1
+            log.debug("LMArena event of unknown type %r ignored", kind)
+
+    # -- shared --
+
+    def _finish(self, reason, usage, events: list) -> None:
+        if not isinstance(reason, str) or not reason:
+            reason = "stop"
+        if reason == "error":
+            events.append(("error", ApiError(502, "LMArena ended the answer with an error.",
+                                             "upstream_error")))
+            return
+        self.finished = True
+        events.append(("finish", FINISH_REASONS.get(reason, "stop"), usage))
+
+    @staticmethod
+    def _arena_failed() -> ApiError:
+        return ApiError(502, "LMArena failed to answer this turn (hasArenaError). Try again or pick "
+                        "another model.", "upstream_error")
+
+    def _junk(self, text: str, events: list) -> None:
+        """Text that is no row and no event: a Cloudflare page or an error body mean the answer
+        failed; anything else is dropped."""
+        stripped = text.strip()
         if not stripped:
             return
         if is_cloudflare(stripped):
             events.append(("error", classify_upstream_error(stripped, 403)))
-        elif stripped.startswith("{") and '"error"' in stripped:
-            events.append(("error", classify_upstream_error(stripped)))
-        else:
-            log.debug("non-LMArena line dropped: %.200s", stripped)
+            return
+        if stripped[0] == "{":
+            try:
+                value = _json_decode(stripped)
+            except ValueError:
+                value = None
+            if isinstance(value, dict):
+                self._object(value, stripped, events)
+                return
+            if '"error"' in stripped:               # a cut or mangled JSON error body
+                events.append(("error", classify_upstream_error(stripped)))
+                return
+        log.debug("non-LMArena text dropped: %.200s", stripped)
 
-    def _citation(self, value) -> None:
+    def _citation_delta(self, value) -> None:
+        """`ac` rows stream the citation tool's arguments as JSON text in pieces; a source is known
+        once the pieces so far parse."""
         if not isinstance(value, dict) or value.get("toolCallId") != "citation-source":
             return
         delta = value.get("argsTextDelta")
@@ -1461,14 +1828,19 @@ class ArenaStreamParser:
         try:
             obj = json.loads(acc)
         except ValueError:
-            self.tool_args["citation"] = acc      # a delta cut mid-object: wait for the rest
+            self.tool_args["citation"] = acc
             return
         self.tool_args.pop("citation", None)
         sources = obj.get("source") if isinstance(obj, dict) else None
         for src in sources if isinstance(sources, list) else [sources]:
-            if isinstance(src, dict) and isinstance(src.get("url"), str):
-                if all(c["url"] != src["url"] for c in self.citations):
-                    self.citations.append(src)
+            self._add_source(src)
+
+    def _add_source(self, src) -> None:
+        if isinstance(src, dict):
+            url = src.get("url")
+            if isinstance(url, str) and url and url not in self._urls:
+                self._urls.add(url)
+                self.citations.append(src)
 
 
 # 7. OpenAI formatting (pure) ========================================================================
@@ -1515,8 +1887,8 @@ class ChunkFormatter:
     def reasoning(self, literal: str) -> str:
         return self.head + '"reasoning_content":' + literal + '},"finish_reason":null}]}\n\n'
 
-    def tool_calls(self, deltas: list) -> str:
-        return self.head + '"tool_calls":' + json_text(deltas) + '},"finish_reason":null}]}\n\n'
+    def delta(self, key: str, value) -> str:
+        return self.head + json_text(key) + ':' + json_text(value) + '},"finish_reason":null}]}\n\n'
 
     def role(self) -> str:
         return self.head + '"role":"assistant","content":""},"finish_reason":null}]}\n\n'
@@ -1531,7 +1903,7 @@ class ChunkFormatter:
 
 def completion_body(cid: str, model: str, created: int, content: str, reasoning: str,
                     finish: str, usage: dict, tool_calls: list | None = None) -> dict:
-    message = {"role": "assistant", "content": content if content or not tool_calls else None}
+    message = {"role": "assistant", "content": content if content.strip() or not tool_calls else None}
     if reasoning:
         message["reasoning_content"] = reasoning
     if tool_calls:
@@ -1604,6 +1976,7 @@ class ToolSpec:
     choice: str
     parallel: bool
     names: frozenset
+    legacy: bool = False    # sent as `functions`: the answer uses `function_call`, one call at most
 
 
 def _check_tool_name(name, field: str) -> str:
@@ -1712,7 +2085,8 @@ def parse_tools(data: dict) -> ToolSpec | None:
         return None
     if choice == "none":
         return None
-    return ToolSpec(tuple(tools), choice, parallel, frozenset(names))
+    legacy = raw_tools is None and raw_functions is not None
+    return ToolSpec(tuple(tools), choice, parallel and not legacy, frozenset(names), legacy)
 
 
 # -- Tools in the prompt -----------------------------------------------------------------------
@@ -2063,12 +2437,6 @@ def openai_tool_call_delta(index: int, call: dict) -> list[dict]:
     return [{"index": index, "id": call["id"], "type": "function",
              "function": {"name": call["name"], "arguments": ""}},
             {"index": index, "function": {"arguments": call["arguments"]}}]
-
-
-def openai_tool_call_chunks(fmt, index: int, call: dict) -> str:
-    """Both deltas of one call as SSE chunk text, reusing a bridge ChunkFormatter's rendered head."""
-    return "".join(fmt.head + '"tool_calls":[' + _dumps(d) + ']},"finish_reason":null}]}\n\n'
-                   for d in openai_tool_call_delta(index, call))
 
 
 def openai_message_tool_calls(calls: list) -> list:
@@ -2525,7 +2893,7 @@ def anthropic_message(message_id: str, model: str, text: str, thinking: str, cal
     content: list = []
     if thinking:
         content.append({"type": "thinking", "thinking": thinking, "signature": ""})
-    if text:
+    if text.strip() or (text and not calls):
         content.append({"type": "text", "text": text})
     for call in calls:
         content.append({"type": "tool_use", "id": anthropic_tool_id(call["id"]),
@@ -2796,6 +3164,7 @@ class OpenAIReply(Reply):
     def __init__(self, model: str, stream: bool, include_usage: bool, prompt_chars: int, tools=None, stop=None):
         super().__init__(model, stream, prompt_chars, tools, stop)
         self.include_usage = include_usage
+        self.legacy = bool(tools and tools.legacy)
         self.cid = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.fmt = ChunkFormatter(self.cid, model, self.created)
@@ -2810,7 +3179,14 @@ class OpenAIReply(Reply):
         return self.fmt.reasoning(json_text(text))
 
     def fmt_call(self, index: int, call: dict) -> str:
-        return "".join(self.fmt.tool_calls([d]) for d in openai_tool_call_delta(index, call))
+        if self.legacy:
+            return (self.fmt.delta("function_call", {"name": call["name"], "arguments": ""})
+                    + self.fmt.delta("function_call", {"arguments": call["arguments"]}))
+        return "".join(self.fmt.delta("tool_calls", [d]) for d in openai_tool_call_delta(index, call))
+
+    def finish_reason(self, job: "Job") -> str:
+        reason = super().finish_reason(job)
+        return "function_call" if reason == "tool_calls" and self.legacy else reason
 
     def fmt_end(self, job: "Job") -> str:
         if job.error:
@@ -2823,9 +3199,14 @@ class OpenAIReply(Reply):
     def body(self, job: "Job") -> dict:
         self._held([])
         usage = usage_object(self.prompt_chars, job.completion_chars, job.usage)
-        return completion_body(self.cid, self.model, self.created, "".join(self.texts),
-                               "".join(self.thoughts), self.finish_reason(job), usage,
-                               openai_message_tool_calls(self.calls) if self.calls else None)
+        out = completion_body(self.cid, self.model, self.created, "".join(self.texts), "".join(self.thoughts),
+                              self.finish_reason(job), usage,
+                              openai_message_tool_calls(self.calls) if self.calls and not self.legacy else None)
+        if self.calls and self.legacy:
+            message = out["choices"][0]["message"]
+            message["function_call"] = {"name": self.calls[0]["name"], "arguments": self.calls[0]["arguments"]}
+            message["content"] = message["content"] if message["content"].strip() else None
+        return out
 
 
 class AnthropicReply(Reply):
@@ -2850,8 +3231,12 @@ class AnthropicReply(Reply):
     def fmt_call(self, index: int, call: dict) -> str:
         return self.events.tool_use(call)
 
+    def stop_sequence(self) -> str | None:
+        """A tool call wins over a stop sequence after it: agents run tools on "tool_use" only."""
+        return None if self.calls else self.stop_hit
+
     def stop_reason(self, job: "Job") -> str:
-        return anthropic_stop_reason(self.finish_reason(job), self.stop_hit)
+        return anthropic_stop_reason(self.finish_reason(job), self.stop_sequence())
 
     def output_tokens(self, job: "Job") -> int:
         return usage_object(self.prompt_chars, job.completion_chars, job.usage)["completion_tokens"]
@@ -2859,12 +3244,12 @@ class AnthropicReply(Reply):
     def fmt_end(self, job: "Job") -> str:
         if job.error:
             return AnthropicEvents.error(job.error)
-        return self.events.finish(self.stop_reason(job), self.stop_hit, self.output_tokens(job))
+        return self.events.finish(self.stop_reason(job), self.stop_sequence(), self.output_tokens(job))
 
     def body(self, job: "Job") -> dict:
         self._held([])
         return anthropic_message(self.mid, self.model, "".join(self.texts), "".join(self.thoughts), self.calls,
-                                 self.stop_reason(job), self.stop_hit, estimate_tokens(self.prompt_chars),
+                                 self.stop_reason(job), self.stop_sequence(), estimate_tokens(self.prompt_chars),
                                  self.output_tokens(job))
 
     def headers(self) -> list:
@@ -2964,7 +3349,8 @@ def chat_request(data: dict, cfg: Config, models: dict) -> ChatRequest:
                          and data["stream_options"].get("include_usage"))
     prompt = tool_prompt(tools) if tools else ""
     return ChatRequest(model, ref, stream, include_usage, messages, templates, tools, prompt, stop or [],
-                       len(prompt) + sum(len(t["content"]) for t in templates),
+                       len(prompt) + sum(len(t["content"]) + 4 * _ATTACHMENT_TOKENS * len(t["attachments"])
+                                         for t in templates),
                        [message_fingerprint(m) for m in messages])
 
 
@@ -3060,6 +3446,7 @@ class Tab(asyncio.Protocol):
         self.challenged_until = 0.0             # Cloudflare: no work until it reloads (or this passes)
         self.cool_until = 0.0                   # after a 429 / reCAPTCHA refusal: resting
         self.refresh_sent = False
+        self.token_window_at = -math.inf        # when keep_token_ready was last sent
         self.last_seen = time.monotonic()
         self.pings = 0
         self.fragments: list[bytes] | None = None
@@ -4457,9 +4844,8 @@ class Bridge:
 
     def start_job(self, job: Job) -> None:
         self.jobs[job.id] = job
-        for tab in self.tabs:     # keep a token minted ahead while requests come (issue: latency)
-            tab.send({"command": "keep_token_ready", "action": RECAPTCHA_SUBMIT_ACTION,
-                      "seconds": self.files.config.token_ready_seconds})
+        for tab in self.tabs:
+            self.keep_token_ready(tab)
         tab = self.pick_tab(job)
         if tab is not None:
             self.assign(job, tab)
@@ -4538,6 +4924,16 @@ class Bridge:
             if best is None or (len(tab.jobs), tab.assigned) < (len(best.jobs), best.assigned):
                 best = tab
         return best
+
+    def keep_token_ready(self, tab: Tab) -> None:
+        """Ask the tab to keep a reCAPTCHA token minted ahead for token_ready_seconds from now, so
+        a request finds one ready (minting takes 0.1 s to seconds). Renewed while requests come
+        (at most every quarter window); an idle browser stops asking Google for tokens."""
+        window = self.files.config.token_ready_seconds
+        now = time.monotonic()
+        if window > 0 and now - tab.token_window_at > window / 4:
+            tab.token_window_at = now
+            tab.send({"command": "keep_token_ready", "action": RECAPTCHA_SUBMIT_ACTION, "seconds": window})
 
     def tab_changed(self) -> None:
         self.tab_event.set()
@@ -4623,8 +5019,7 @@ class Bridge:
                  "" if len(self.tabs) == 1 else "s")
         if self.capture.settings is not None:
             tab.send(self.capture.command())
-        tab.send({"command": "keep_token_ready", "action": RECAPTCHA_SUBMIT_ACTION,
-                  "seconds": self.files.config.token_ready_seconds})
+        self.keep_token_ready(tab)
         self.tab_changed()
 
     def remove_tab(self, tab: Tab) -> None:

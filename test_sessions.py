@@ -8,8 +8,7 @@ Run: python -m unittest -v test_sessions
 """
 import json
 import os
-import re
-import threading
+import random
 import time
 import unittest
 import urllib.request
@@ -17,7 +16,7 @@ import urllib.request
 import openai
 
 import bridge
-from test_bridge import IMAGE_UUID, MODEL_UUID, BridgeCase, Harness, lines, run_cli
+from test_bridge import IMAGE_UUID, MODEL_UUID, BridgeCase, lines, run_cli
 
 SEARCH_UUID = "0199aaaa-0000-7000-8000-00000000000c"
 MODELS = {"test-model": MODEL_UUID, "image-model": f"{IMAGE_UUID}:image", "search-model": f"{SEARCH_UUID}:search"}
@@ -135,6 +134,448 @@ class RequestBuilding(unittest.TestCase):
         self.assertEqual(bridge.retry_plan(upstream, True, 0), {"new_conversation": True})
         self.assertIsNone(bridge.retry_plan(upstream, False, 0))
         self.assertIsNone(bridge.retry_plan(bridge.ApiError(429, "x", "rate_limited"), True, 0))
+
+
+# (a) Pure: the response stream in its three dialects, exact at every split (2.6) ==============
+
+def norm(event):
+    """Events with the ApiError replaced by comparable fields."""
+    if event[0] == "error":
+        return ("error", event[1].status, event[1].code)
+    return event
+
+
+def run(chunks, side="a"):
+    """(normalised events, parser) after feeding `chunks` and closing."""
+    p = bridge.ArenaStreamParser(side)
+    events = []
+    for c in chunks:
+        events += p.feed(c)
+    events += p.close()
+    return [norm(e) for e in events], p
+
+
+def outcome(chunks, side="a"):
+    """Everything a caller can observe: events, citations and the unknown count."""
+    events, p = run(chunks, side)
+    return events, p.citations, p.unknown
+
+
+class SplitAssertions(unittest.TestCase):
+    def assertSplitInvariant(self, text, side="a", bytewise=True):
+        """Every single split (str and bytes) and one-unit-at-a-time feeding give the same outcome."""
+        whole = outcome([text], side)
+        data = text.encode()
+        for i in range(len(text) + 1):
+            self.assertEqual(outcome([text[:i], text[i:]], side), whole, f"str split at {i}")
+        for i in range(len(data) + 1):
+            self.assertEqual(outcome([data[:i], data[i:]], side), whole, f"bytes split at {i}")
+        self.assertEqual(outcome(list(text), side), whole, "one character per feed")
+        if bytewise:
+            self.assertEqual(outcome([bytes([b]) for b in data], side), whole, "one byte per feed")
+        return whole
+
+
+class DialectA(SplitAssertions):
+    PLAIN = ('ag:"think"\na0:"Hel"\na0:"lo é€😀"\nb0:"not ours"\na2:[{"type":"heartbeat"}]\n'
+             'a0:"\\u00e9\\"\\\\"\nad:{"finishReason":"length","usage":{"promptTokens":1}}\n')
+    EXPECTED = [("reasoning", "think"), ("text", '"Hel"', "Hel"), ("text", '"lo é€😀"', "lo é€😀"),
+                ("text", '"\\u00e9\\"\\\\"', 'é"\\'), ("finish", "length", {"promptTokens": 1})]
+
+    def test_plain_rows(self):
+        """Newline-separated rows give their events, with each text's JSON literal exactly as sent."""
+        events, citations, unknown = self.assertSplitInvariant(self.PLAIN)
+        self.assertEqual(events, self.EXPECTED)
+        self.assertEqual((citations, unknown), ([], 0))
+
+    def test_data_prefix_and_blank_lines(self):
+        """`data: `-prefixed rows separated by blank lines parse like plain rows."""
+        text = "".join(f"data: {line}\n\n" for line in self.PLAIN.splitlines())
+        self.assertEqual(self.assertSplitInvariant(text)[0], self.EXPECTED)
+        self.assertEqual(outcome(["data:a0:\"x\"\n\ndata:\ta0:\"y\"\n\n"])[0],
+                         [("text", '"x"', "x"), ("text", '"y"', "y")])
+
+    def test_repeated_data_prefixes(self):
+        """Blank lines and repeated `data:` prefixes before a row are skipped alike at any split."""
+        text = 'data: data: a0:"x"\n\ndata:\n\ndata: \tag:"r"\n\ufeffa0:"y"'
+        self.assertEqual(self.assertSplitInvariant(text)[0],
+                         [("text", '"x"', "x"), ("reasoning", "r"), ("text", '"y"', "y")])
+
+    def test_crlf_lines(self):
+        """Rows ended by CRLF parse like rows ended by LF."""
+        text = self.PLAIN.replace("\n", "\r\n")
+        self.assertEqual(self.assertSplitInvariant(text)[0], self.EXPECTED)
+
+    def test_laneless_rows_belong_to_our_side(self):
+        """A row without a lane (`0:"x"`) belongs to the side the parser was made for."""
+        text = '0:"one"\na0:"A"\nb0:"B"\ng:"r"\nd:{"finishReason":"stop"}\n'
+        self.assertEqual(self.assertSplitInvariant(text)[0],
+                         [("text", '"one"', "one"), ("text", '"A"', "A"), ("reasoning", "r"),
+                          ("finish", "stop", None)])
+        self.assertEqual(self.assertSplitInvariant(text, side="b")[0],
+                         [("text", '"one"', "one"), ("text", '"B"', "B"), ("reasoning", "r"),
+                          ("finish", "stop", None)])
+
+    def test_battle_side_b(self):
+        """Side b keeps only b rows (and lane-less ones); the other lane's rows are not unknown."""
+        text = 'a0:"A1"\nb0:"B1"\naz:1\nbg:"rb"\nag:"ra"\nb2:[{"type":"image","image":"u"}]\n' \
+               'ad:{"finishReason":"length"}\nbd:{"finishReason":"stop"}\n'
+        events, _, unknown = self.assertSplitInvariant(text, side="b")
+        self.assertEqual(events, [("text", '"B1"', "B1"), ("reasoning", "rb"), ("image", "u"),
+                                  ("finish", "stop", None)])
+        self.assertEqual(unknown, 0)
+
+    def test_row_lookalikes_and_brackets_inside_strings(self):
+        """`a0:"`, brackets and newlines escaped inside a string are text, not rows or structure."""
+        text = ('a0:"say a0:\\"x\\" and ad:{\\"finishReason\\":\\"stop\\"}"\n'
+                'a2:[{"type":"image","image":"https://x/a]b}[{c.png","note":"a0:\\"no\\" ]}"}]\n'
+                'ag:{"text":"{[\\"]}\\\\"}\n'
+                'a0:"\\\\\\"\\\\"\n')
+        self.assertEqual(self.assertSplitInvariant(text)[0], [
+            ("text", '"say a0:\\"x\\" and ad:{\\"finishReason\\":\\"stop\\"}"',
+             'say a0:"x" and ad:{"finishReason":"stop"}'),
+            ("image", "https://x/a]b}[{c.png"), ("reasoning", '{["]}\\'),
+            ("text", '"\\\\\\"\\\\"', '\\"\\')])
+
+    def test_cut_tokens_inside_values(self):
+        """A value cut inside a literal, number, escape or key waits, though its strings hold row look-alikes."""
+        look = '"a0:{ b0:[ g:[ \\n"'
+        text = ('a2:[{"note":' + look + ',"type":"image","ok":true,"n":-1.5e+3,"s":"\\u00e9\\ud83d\\ude00",'
+                '"image":"u1"}]\n'
+                'a2:[{"note":' + look + ',"x":null,"y":false,"z":[-0.25E-2,{},NaN,-Infinity],"type":"image",'
+                '"image":"u2"}]\n'
+                'ag:"a0:{ \\u00e9 \\ud83d\\ude00"\n')
+        want = [("image", "u1"), ("image", "u2"), ("reasoning", "a0:{ é 😀")]
+        self.assertEqual(self.assertSplitInvariant(text)[0], want)
+        self.assertEqual(self.assertSplitInvariant(text.replace("\n", ""))[0], want)
+
+    def test_escapes_split_everywhere(self):
+        """Escaped quotes, backslashes, \\u escapes and surrogate pairs survive every split point."""
+        text = 'a0:"\\\\"\na0:"\\""\na0:"x\\\\\\\\\\"y"\na0:"\\ud83d\\ude00\\u00e9\\n"\n'
+        self.assertEqual(self.assertSplitInvariant(text)[0], [
+            ("text", '"\\\\"', "\\"), ("text", '"\\""', '"'), ("text", '"x\\\\\\\\\\"y"', 'x\\\\"y'),
+            ("text", '"\\ud83d\\ude00\\u00e9\\n"', "😀é\n")])
+
+    def test_unknown_codes_are_counted(self):
+        """Unknown codes are counted and ignored; listed codes and the other lane's rows are not."""
+        text = ('az:"z"\nah:{"url":"u"}\na1:[1]\nae:{"finishReason":"stop"}\naf:{"messageId":"m"}\n'
+                'ab:{}\nak:{}\na8:[]\na9:{"toolCallId":"t"}\naa:{"result":1}\na:{"result":2}\n'
+                'bz:"z"\na0:"ok"\n')
+        events, _, unknown = self.assertSplitInvariant(text)
+        self.assertEqual(events, [("text", '"ok"', "ok")])
+        self.assertEqual(unknown, 3)
+
+    def test_malformed_values_are_skipped(self):
+        """A value that can never be JSON is skipped to the next row, without an exception."""
+        text = ('a0:"raw\tcontrol"\na0:"one"\n'
+                'a2:[1,}\na0:"two"\n'
+                'ad:{oops}\na0:"three"\n'
+                'a0:"bad \\x escape"\na0:"four"\n'
+                'a0:"\\u12zz"\na0:"five"\n'
+                'ag:tru e\na0:"six"\n'
+                'a0:\na0:"seven"\n'
+                'a3:-x\nhello world\n: comment\na0:"eight"\n')
+        events, _, _ = self.assertSplitInvariant(text)
+        self.assertEqual(events, [("text", f'"{w}"', w) for w in
+                                  ("one", "two", "three", "four", "five", "six", "seven", "eight")])
+
+    def test_close_parses_a_trailing_value_and_drops_a_cut_one(self):
+        """close() parses a complete last value without newline and drops an unfinished one."""
+        self.assertEqual(run(['a0:"x"\nad:{"finishReason":"length"}'])[0],
+                         [("text", '"x"', "x"), ("finish", "length", None)])
+        self.assertEqual(run(['a0:"x"\nad:{"finishReason":"len'])[0], [("text", '"x"', "x")])
+        self.assertEqual(run(['a0:"x"\na0:"unfinis'])[0], [("text", '"x"', "x")])
+        self.assertEqual(run(['a0:"x"\nad:{"finishReason":"stop"}'])[0], run(['a0:"x"\nad:{"finishReason":"stop"}\n'])[0])
+        p = bridge.ArenaStreamParser()
+        self.assertEqual(p.feed('a0:"x"\nad:{"finishReason":"stop"'), [("text", '"x"', "x")])
+        self.assertEqual(p.close(), [])
+
+    def test_a_value_waits_for_the_rest(self):
+        """A value cut by the chunk's end is held in `pending` until it completes."""
+        p = bridge.ArenaStreamParser()
+        self.assertEqual(p.feed('a0:"Hel'), [])
+        self.assertEqual(p.pending, 'a0:"Hel')
+        self.assertEqual(p.feed('lo"\n'), [("text", '"Hello"', "Hello")])
+        self.assertEqual(p.pending, "")
+        self.assertEqual(p.feed('a0:"done"'), [("text", '"done"', "done")])   # no newline needed
+
+    def test_large_value_in_many_chunks(self):
+        """A base64 image split over many chunks arrives once, whole."""
+        data = "QUJD" * 20000
+        row = 'a2:[{"type":"image","data":"%s","mimeType":"image/png"}]\na0:"after"\n' % data
+        chunks = [row[i:i + 997] for i in range(0, len(row), 997)]
+        self.assertEqual(run(chunks)[0], [("image", "data:image/png;base64," + data), ("text", '"after"', "after")])
+        self.assertEqual(run([c.encode() for c in chunks])[0], run([row])[0])
+
+    def test_events_come_from_the_feed_that_completes_a_row(self):
+        """A row's events come out of the feed() that completes it, even after a long or broken value."""
+        p = bridge.ArenaStreamParser()
+        blob = ("QUJD\\\\" * 5000) + '\\"q\\" [x] {y}'      # escapes and brackets inside a long string
+        row = 'a2:[{"type":"image","url":"https://i/x.png","note":"%s"}]\n' % blob
+        cuts = list(range(0, len(row), 97)) + [len(row)]
+        cuts += [c for c in (row.index("\\\\") + 1, row.index('\\"') + 1) if c not in cuts]
+        cuts.sort()
+        pieces = [row[a:b] for a, b in zip(cuts, cuts[1:])]
+        for piece in pieces[:-1]:
+            self.assertEqual(p.feed(piece), [])
+        self.assertEqual(p.feed(pieces[-1]), [("image", "https://i/x.png")])
+        self.assertEqual(p.feed('a2:[{"type":"heartbeat"}\n'), [])                # broken: no "]"
+        self.assertEqual(p.feed('a0:"next"\n'), [("text", '"next"', "next")])
+        self.assertEqual(p.feed('ag:"long ' + "r" * 3000), [])
+        self.assertEqual(p.feed("r" * 3000 + '"'), [("reasoning", "long " + "r" * 6000)])
+        self.assertEqual(p.feed('{"id":"1","userMessage":{"content":"a0:\\"x\\" {'), [])
+        self.assertEqual(p.feed('}"}}a2:[{"type":"image","image":"u"}]'), [("image", "u")])
+        self.assertEqual(p.feed('a2:[{"type":"image","image":"v","note":"abc\\'), [])   # cut after "\"
+        self.assertEqual(p.feed('"def"}]a0:"x"'), [("image", "v"), ("text", '"x"', "x")])
+        self.assertEqual(p.feed('a2:["ab'), [])
+        self.assertEqual(p.feed('c\na0:"y"'), [("text", '"y"', "y")])          # raw newline: broken
+
+    def test_cloudflare_page_and_error_body(self):
+        """A Cloudflare page or a JSON error body instead of rows is an error."""
+        page = ("<!DOCTYPE html>\n<html><head><title>Just a moment...</title></head>\n"
+                "<body>Enable JavaScript and cookies to continue</body></html>\n")
+        events = self.assertSplitInvariant(page)[0]
+        self.assertTrue(events)
+        self.assertTrue(all(e[:3] == ("error", 503, "cloudflare_challenge") for e in events))
+        body = '{"success": false, "error": {"name": "ZodError"}}'
+        want = bridge.classify_upstream_error(body)
+        self.assertEqual(run([body])[0], [("error", want.status, want.code)])
+        self.assertEqual(run(['a0:"x"\n{"error":"Too Many Requests"}\n'])[0],
+                         [("text", '"x"', "x"), ("error", 429, "rate_limited")])
+
+    def test_cut_or_broken_error_body(self):
+        """A JSON error body that is cut off or mangled is still an error."""
+        self.assertEqual(run(['{"error":"Too Many Requests","detail":"cu'])[0], [("error", 429, "rate_limited")])
+        self.assertEqual(self.assertSplitInvariant('{"error": Too Many Requests}\n')[0],
+                         [("error", 429, "rate_limited")])
+        self.assertEqual(run(['{"note":"cut'])[0], [])
+
+    def test_deep_nesting_does_not_raise(self):
+        """A value nested deeper than json's recursion limit is skipped like any broken value."""
+        deep = "a2:" + "[" * 100000 + "]" * 100000 + '\na0:"after"\n'
+        self.assertEqual(run([deep])[0], [("text", '"after"', "after")])
+        self.assertEqual(run([deep[:50000], deep[50000:]])[0], [("text", '"after"', "after")])
+
+    def test_errors_in_rows(self):
+        """hasArenaError, a3 and finishReason "error" become errors; an empty text is ignored."""
+        events = self.assertSplitInvariant('a0:""\na0:"hasArenaError"\na3:"Too Many Requests"\n'
+                                           'a3:{"message":"x"}\nad:{"finishReason":"error"}\n')[0]
+        self.assertEqual(events, [("error", 502, "upstream_error"), ("error", 429, "rate_limited"),
+                                  ("error", 502, "upstream_error"), ("error", 502, "upstream_error")])
+
+    def test_citations_deduplicated_in_order(self):
+        """Citation deltas are assembled; sources are kept once per url, in order of arrival."""
+        srcs = [{"source": [{"id": "1", "url": "https://b", "title": "B"}, {"id": "2", "url": "https://a"}]},
+                {"source": {"id": "3", "url": "https://b", "title": "again"}},
+                {"source": {"id": "4", "url": "https://c"}}]
+        rows = []
+        for s in srcs:
+            text = json.dumps(s)
+            for piece in (text[:7], text[7:19], text[19:]):
+                rows.append("ac:" + json.dumps({"toolCallId": "citation-source", "argsTextDelta": piece}) + "\n")
+        rows.append('ac:{"toolCallId":"other","argsTextDelta":"{\\"source\\":{\\"url\\":\\"https://x\\"}}"}\n')
+        _, citations, unknown = self.assertSplitInvariant("".join(rows), bytewise=False)
+        self.assertEqual([c["url"] for c in citations], ["https://b", "https://a", "https://c"])
+        self.assertEqual(citations[0]["title"], "B")
+        self.assertEqual(unknown, 0)
+
+    def test_image_parts(self):
+        """Image parts by url, by `image` and by base64 become image events; other parts do not."""
+        text = ('a2:[{"type":"heartbeat"},{"type":"image","image":"https://i/1.png"},'
+                '{"type":"image","url":"https://i/2.png"},{"type":"image","data":"QUJD"},{"type":"other"}]\n'
+                'a2:{"type":"image","image":"https://i/3.png"}\n')
+        self.assertEqual(self.assertSplitInvariant(text)[0],
+                         [("image", "https://i/1.png"), ("image", "https://i/2.png"),
+                          ("image", "data:image/png;base64,QUJD"), ("image", "https://i/3.png")])
+
+    def test_scalar_values_at_chunk_ends(self):
+        """Numbers and literals as row values are read whole even when a chunk ends inside them."""
+        text = 'ak:12.5e+3\nak:-7\nak:true\nak:null\naz:1.25\na0:"x"\n'
+        events, _, unknown = self.assertSplitInvariant(text)
+        self.assertEqual(events, [("text", '"x"', "x")])
+        self.assertEqual(unknown, 1)
+
+    def test_pending_is_empty_between_whole_rows(self):
+        """Whole rows leave nothing pending, which bridge's one-row fast path relies on."""
+        p = bridge.ArenaStreamParser()
+        for chunk in ('a0:"a"\n', 'ag:"r"\n', 'a2:[{"type":"heartbeat"}]\n', 'a0:"b"\r\n', 'data: a0:"c"\n\n'):
+            p.feed(chunk)
+            self.assertEqual(p.pending, "", chunk)
+
+
+class DialectB(SplitAssertions):
+    ECHO = ('{"id":"e1","mode":"direct","userMessage":{"content":"Quote: a0:\\"fake\\" ]} {[ \\\\",'
+            '"experimental_attachments":[]},"modelAId":"m"}')
+    ROWS = 'ag:"r"a0:"I "b0:"the "a0:"am"a2:[{"type":"heartbeat"}]ae:{"finishReason":"stop"}ad:{"finishReason":"stop"}'
+    EXPECTED = [("reasoning", "r"), ("text", '"I "', "I "), ("text", '"am"', "am"), ("finish", "stop", None)]
+
+    def test_with_leading_echo_object(self):
+        """The request echo (with row look-alikes and brackets in its strings) is skipped."""
+        events, _, unknown = self.assertSplitInvariant(self.ECHO + self.ROWS)
+        self.assertEqual(events, self.EXPECTED)
+        self.assertEqual(unknown, 0)
+
+    def test_without_echo_object(self):
+        """Rows run together without delimiters parse one JSON value each."""
+        self.assertEqual(self.assertSplitInvariant(self.ROWS)[0], self.EXPECTED)
+
+    def test_battle_side_b(self):
+        """Side b takes its own rows out of the run-together stream."""
+        events = self.assertSplitInvariant(self.ECHO + self.ROWS + 'bd:{"finishReason":"length"}', side="b")[0]
+        self.assertEqual(events, [("text", '"the "', "the "), ("finish", "length", None)])
+
+    def test_error_leading_object(self):
+        """A leading object with error/errors and no userMessage is an error body."""
+        self.assertEqual(self.assertSplitInvariant('{"error":"Too Many Requests"}')[0],
+                         [("error", 429, "rate_limited")])
+        self.assertEqual(self.assertSplitInvariant('{"errors":[{"message":"recaptcha validation failed"}]}')[0],
+                         [("error", 403, "recaptcha_failed")])
+        self.assertEqual(run(['{"userMessage":"hi","error":null}a0:"x"'])[0], [("text", '"x"', "x")])
+
+    def test_values_of_every_kind_back_to_back(self):
+        """Numbers, literals, arrays and objects end exactly where the next row starts."""
+        text = 'ak:12a0:"a"ak:-3.5e2a0:"b"ak:truea0:"c"ak:nulla0:"d"ak:[1,[2]]a0:"e"ak:{"x":{}}a0:"f"'
+        self.assertEqual([e[2] for e in self.assertSplitInvariant(text)[0]], list("abcdef"))
+
+    def test_malformed_value_resyncs_to_next_row(self):
+        """A broken value in a run-together stream is skipped to the next plausible row."""
+        text = 'a0:"ok1"a2:[{"type":"image","image":"u",}]a0:"ok2"ad:{bad json here}a0:"ok3"a0:"tab\there"a0:"ok4"'
+        self.assertEqual([e[2] for e in self.assertSplitInvariant(text)[0]], ["ok1", "ok2", "ok3", "ok4"])
+
+
+class DialectC(SplitAssertions):
+    STREAM = ('data: {"type":"start","messageId":"m1"}\n\n'
+              ': keep-alive\n\n'
+              'data: {"type":"text-start","id":"t1"}\n\n'
+              'data: {"type":"reasoning-delta","id":"r","delta":"hmm é"}\n\n'
+              'data: {"type":"text-delta","id":"t1","delta":"Hi 😀 \\"q\\" a0:\\"x\\"\\n"}\n\n'
+              'data: {"type":"source-url","sourceId":"s1","url":"https://a.example","title":"A"}\n\n'
+              'data: {"type":"source-url","sourceId":"s2","url":"https://a.example","title":"dup"}\n\n'
+              'data: {"type":"source-url","sourceId":"s3","url":"https://b.example"}\n\n'
+              'data: {"type":"file","url":"https://f/img.png","mediaType":"image/png"}\n\n'
+              'data: {"type":"file","url":"https://f/doc.pdf","mediaType":"application/pdf"}\n\n'
+              'data: {"type":"tool-input-start","toolCallId":"c","toolName":"search"}\n\n'
+              'data: {"type":"tool-input-delta","toolCallId":"c","inputTextDelta":"{"}\n\n'
+              'data: {"type":"brand-new-type"}\n\n'
+              'data: {"type":"text-delta","id":"t1","delta":""}\n\n'
+              'data: {"type":"text-end","id":"t1"}\n\n'
+              'data: {"type":"finish","finishReason":"length","usage":{"inputTokens":2,"outputTokens":3}}\n\n'
+              'data: [DONE]\n\n')
+
+    def test_typed_events(self):
+        """Typed events become text, reasoning, image, citations and finish; unknown types are counted."""
+        events, citations, unknown = self.assertSplitInvariant(self.STREAM)
+        self.assertEqual(events, [("reasoning", "hmm é"), ("text", None, 'Hi 😀 "q" a0:"x"\n'),
+                                  ("image", "https://f/img.png"),
+                                  ("finish", "length", {"inputTokens": 2, "outputTokens": 3})])
+        self.assertEqual(citations, [{"url": "https://a.example", "title": "A"}, {"url": "https://b.example"}])
+        self.assertEqual(unknown, 1)
+
+    def test_events_come_from_the_feed_that_completes_a_line(self):
+        """An event cut over several chunks comes out of the feed() that brings its newline."""
+        p = bridge.ArenaStreamParser()
+        self.assertEqual(p.feed('data: {"type":"start"}\n\ndata: {"type":"text-delta","del'), [])
+        self.assertEqual(p.feed('ta":"a"}'), [])
+        self.assertEqual(p.feed('\n\ndata: {"type":"text-delta","delta":"b"}\n'),
+                         [("text", None, "a"), ("text", None, "b")])
+
+    def test_crlf_and_sse_fields(self):
+        """CRLF line ends, `event:`/`id:` fields and comments do not change the events."""
+        text = self.STREAM.replace("data: {\"type\":\"text-start\"", "event: message\nid: 7\ndata: {\"type\":\"text-start\"")
+        text = text.replace("\n", "\r\n")
+        self.assertEqual(outcome([text]), outcome([self.STREAM]))
+        self.assertEqual(outcome([text[:301], text[301:]]), outcome([self.STREAM]))
+
+    def test_errors(self):
+        """An error event, finishReason "error" and a `data:` error body become errors."""
+        self.assertEqual(run(['data: {"type":"error","errorText":"Too Many Requests"}\n\n'])[0],
+                         [("error", 429, "rate_limited")])
+        self.assertEqual(run(['data: {"type":"finish","finishReason":"error"}\n\n'])[0],
+                         [("error", 502, "upstream_error")])
+        self.assertEqual(run(['data: {"error":"recaptcha validation failed"}\n\n'])[0],
+                         [("error", 403, "recaptcha_failed")])
+
+    def test_last_line_without_newline_and_broken_lines(self):
+        """close() parses a last event without newline; broken lines are dropped without exceptions."""
+        text = ('data: {"type":"text-delta","delta":"a"}\n'
+                'data: {"type":"text-delta","delta":\n'
+                'garbage line\n'
+                'data: {"type":"text-delta","delta":"b"}')
+        self.assertEqual(self.assertSplitInvariant(text)[0], [("text", None, "a"), ("text", None, "b")])
+
+    def test_rows_inside_typed_stream(self):
+        """A dialect-A row sent as an SSE event is still understood."""
+        text = 'data: {"type":"start"}\n\ndata: a0:"row"\n\ndata: {"type":"text-delta","delta":"typed"}\n\n'
+        self.assertEqual(self.assertSplitInvariant(text)[0], [("text", '"row"', "row"), ("text", None, "typed")])
+
+
+class Detection(unittest.TestCase):
+    def test_dialect_from_first_bytes(self):
+        """The first bytes choose the dialect, however few arrive at a time."""
+        cases = [('\n\n  data: {"type":"start"}\n', bridge.ArenaStreamParser.TYPED),
+                 ('data:[DONE]\n', bridge.ArenaStreamParser.TYPED),
+                 (': ping\n', bridge.ArenaStreamParser.TYPED),
+                 ('data: a0:"x"\n', bridge.ArenaStreamParser.ROWS),
+                 ('{"id":"1","userMessage":{}}a0:"x"', bridge.ArenaStreamParser.ROWS),
+                 ('a0:"x"', bridge.ArenaStreamParser.ROWS), ('0:"x"', bridge.ArenaStreamParser.ROWS),
+                 ('d:{}', bridge.ArenaStreamParser.ROWS), ('<html>', bridge.ArenaStreamParser.ROWS)]
+        for text, mode in cases:
+            p = bridge.ArenaStreamParser()
+            for ch in text:
+                p.feed(ch)
+            self.assertEqual(p.mode, mode, text)
+
+    def test_undecided_start_is_decided_at_close(self):
+        """A stream too short to tell (`da`, blanks) is read as rows at close()."""
+        for text in ("da", "  \n", "data:", "d"):
+            p = bridge.ArenaStreamParser()
+            self.assertEqual(p.feed(text), [])
+            self.assertEqual(p.close(), [], text)
+
+
+class Fuzz(unittest.TestCase):
+    ROWS = ['a0:"w{i} é😀\\"\\\\"', 'b0:"B{i}"', '0:"L{i}"', 'ag:"r{i}"', 'ag:{{"text":"rt{i}"}}',
+            'a2:[{{"type":"heartbeat"}}]', 'a2:[{{"type":"image","image":"https://i/{i}.png"}}]',
+            'ac:{{"toolCallId":"citation-source","argsTextDelta":"{{\\"source\\":{{\\"url\\":\\"u{i}\\"}}}}"}}',
+            'ae:{{"finishReason":"stop","isContinued":false}}', 'ak:{i}', 'ak:-{i}.5e3', 'az:[{i}]',
+            'a3:"Internal Server Error {i}"', 'ad:{{"finishReason":"length"}}', 'a0:"x\\u00e9\\ud83d\\ude00{i}"']
+    JUNK = ['a0:"cut\x01"', 'a2:[1,}', 'ad:{nope}', '<p>hi</p>', 'a0:tru', ']]', '{"a":', 'data: [DONE]', ': c',
+            'data: ', 'data:data:', '1.5e', '"a0:{"']
+
+    def test_random_streams_split_anywhere(self):
+        """Random A/B streams, with broken rows mixed in, give the same outcome for random splits."""
+        rng = random.Random(20261104)
+        for case in range(150):
+            rows = [rng.choice(self.ROWS).format(i=i) for i in range(rng.randint(1, 14))]
+            if case % 3 == 0:
+                rows.insert(rng.randrange(len(rows) + 1), rng.choice(self.JUNK))
+            sep = rng.choice(["\n", "\r\n", "", "\n\n"])
+            prefix = "data: " if sep == "\n\n" else ""
+            text = "".join(prefix + r + sep for r in rows)
+            if sep == "" and rng.random() < 0.5:
+                text = '{"id":"1","userMessage":{"content":"a0:\\"x\\"}]"}}' + text
+            side = rng.choice("ab")
+            whole = outcome([text], side)
+            data = text.encode()
+            for _ in range(12):
+                cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(1, 8))))
+                pieces = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+                self.assertEqual(outcome(pieces, side), whole, (text, cuts))
+                cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 8))))
+                pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+                self.assertEqual(outcome(pieces, side), whole, (text, cuts))
+
+    def test_garbage_never_raises(self):
+        """Random bytes and truncated JSON never raise, whatever the chunking."""
+        rng = random.Random(7)
+        alphabet = 'ab0gdc23:{}[]"\\\n\r ,.-etrufnlu1eE+'
+        for _ in range(400):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+            whole = outcome([text], rng.choice("ab"))
+            self.assertIsInstance(whole[0], list)
+            for _ in range(4):
+                i = rng.randint(0, len(text))
+                self.assertEqual(outcome([text[:i], text[i:]], "a"), outcome([text], "a"), (text, i))
 
 
 # (c) End to end with a fake tab ===================================================================
