@@ -776,7 +776,7 @@ class ChunkedDecoder:
 
 _REASONS = {100: "Continue", 101: "Switching Protocols", 200: "OK", 204: "No Content",
             400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
+            405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large", 426: "Upgrade Required",
             417: "Expectation Failed", 421: "Misdirected Request", 429: "Too Many Requests",
             431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
             503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
@@ -1964,7 +1964,11 @@ def _reject_constant(name: str):
 
 
 def _loads(text: str):
-    return json.loads(text, parse_constant=_reject_constant)
+    """JSON that must round-trip: no NaN/Infinity, and nesting too deep for Python is invalid too."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 # -- OpenAI tools in the request ---------------------------------------------------------------
@@ -3263,9 +3267,9 @@ def answer_fingerprint(content_digest: str, calls: list) -> str:
 
 def canonical_arguments(arguments) -> str:
     try:
-        value = json.loads(arguments) if isinstance(arguments, str) else arguments
+        value = _loads(arguments) if isinstance(arguments, str) else arguments
         return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return str(arguments)
 
 
@@ -3588,7 +3592,7 @@ def origin_is_lmarena(origin: str) -> bool:
     except ValueError:
         return False
     host = (u.hostname or "").lower()
-    return (u.scheme == "https" and u.path in ("", "/") and not u.username
+    return (u.scheme == "https" and u.path in ("", "/") and "@" not in u.netloc
             and any(host == h or host.endswith("." + h) for h in LMARENA_HOSTS))
 
 
@@ -3626,7 +3630,8 @@ def is_loopback(peer) -> bool:
 # 11. HTTP connection driver (asyncio) ===============================================================
 
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
-_TCP_ESTABLISHED = 1
+_TCP_ESTABLISHED, _TCP_CLOSE = 1, 7
+PEER_POLL_SECONDS = 0.15          # how often a socket we cannot read is checked for its client leaving
 
 
 class Connection(asyncio.Protocol):
@@ -3654,7 +3659,7 @@ class Connection(asyncio.Protocol):
         self.drain_waiter: asyncio.Future | None = None  # run() waits for the client to read
         self.write_paused = False
         self.read_paused = False
-        self.pause_check: asyncio.TimerHandle | None = None
+        self.peer_poll: asyncio.TimerHandle | None = None
         self.linger = False           # an error answer was sent with Connection: close
         self.busy = False             # a request is being answered (idle ones close at shutdown)
         self.task: asyncio.Task | None = None
@@ -3690,7 +3695,7 @@ class Connection(asyncio.Protocol):
             # paused we cannot see the client leave, so its TCP state is checked meanwhile.
             self.read_paused = True
             self.transport.pause_reading()
-            self._schedule_pause_check()
+            self._poll_later()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -3699,15 +3704,14 @@ class Connection(asyncio.Protocol):
         if self.on_gone is not None:
             if self.responded:        # a client does not half-close in the middle of an answer
                 self.gone()
-            elif self.http11 and not self.probed:
-                self.probed = True
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            else:
+                self._probe()
         return True                   # keep the transport: a half-closed client still reads
 
     def connection_lost(self, exc) -> None:
         self.lost = self.eof = True
-        if self.pause_check is not None:
-            self.pause_check.cancel()
+        if self.peer_poll is not None:
+            self.peer_poll.cancel()
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
         if self.drain_waiter is not None and not self.drain_waiter.done():
@@ -3723,25 +3727,40 @@ class Connection(asyncio.Protocol):
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
 
-    def _schedule_pause_check(self) -> None:
-        self.pause_check = asyncio.get_running_loop().call_later(0.2, self._check_paused)
+    def _probe(self) -> None:
+        """EOF while a request runs: a `100 Continue` makes a client that is gone answer with a
+        reset; as asyncio reads no more after EOF, the socket's state is then polled."""
+        if self.http11 and not self.probed and not self.responded:
+            self.probed = True
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._poll_later()
 
-    def _check_paused(self) -> None:
-        """Reading is paused: if the client has stopped sending (FIN) or reset, read again; what is
-        left is bounded by the kernel's buffer, and EOF or the reset is then seen at once."""
-        self.pause_check = None
-        if not self.read_paused or self.lost:
+    def _poll_later(self) -> None:
+        if self.peer_poll is None and not self.lost:
+            self.peer_poll = asyncio.get_running_loop().call_later(PEER_POLL_SECONDS, self._poll_peer)
+
+    def _poll_peer(self) -> None:
+        """We cannot read the socket (reading paused, or after EOF): check its TCP state. A reset
+        means the client left (the job is told at once); a client that stopped sending while we
+        are paused lets us read again (what is left is bounded by the kernel's buffer)."""
+        self.peer_poll = None
+        if self.lost:
             return
-        state = _TCP_ESTABLISHED
+        state, error = _TCP_ESTABLISHED, 0
         sock = self.transport.get_extra_info("socket")
         with contextlib.suppress(OSError, AttributeError, TypeError):
-            if _TCP_INFO is not None and sock is not None:
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if _TCP_INFO is not None:
                 state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 8)[0]
-        if state != _TCP_ESTABLISHED:
+        if error or state == _TCP_CLOSE:
+            self.gone()
+            self.transport.abort()
+            return
+        if self.read_paused and state != _TCP_ESTABLISHED:
             self.read_paused = False
             self.transport.resume_reading()
-        else:
-            self._schedule_pause_check()
+        if self.read_paused or (self.eof and self.on_gone is not None):
+            self._poll_later()
 
     def gone(self) -> None:
         if self.on_gone is not None:
@@ -3755,9 +3774,8 @@ class Connection(asyncio.Protocol):
             return
         if self.lost:
             self.gone()
-        elif self.eof and not self.probed and self.http11:
-            self.probed = True
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        elif self.eof:
+            self._probe()
 
     def upgrade(self, protocol: asyncio.Protocol) -> bytes:
         """Hand the socket to another protocol (a tab); returns bytes already read past the head."""
@@ -3869,7 +3887,8 @@ class Connection(asyncio.Protocol):
                 head = bytes(self.buf[:end])
                 del self.buf[:end + 4]
                 return parse_request_head(head)
-            if len(self.buf) > limit:
+            # Past the limit only the blank line that ends a head of exactly `limit` may still come.
+            if len(self.buf) > limit and not b"\r\n\r\n".startswith(bytes(self.buf[limit:limit + 5])):
                 raise HttpError(431, f"request head larger than {limit} bytes")
             start = max(0, len(self.buf) - 3)
             if not await self._fill(deadline):
@@ -4693,7 +4712,7 @@ class Stats:
     """One log line per request, and the recent requests (never prompts) with their stage timings
     for /health, the status page and `doctor`."""
 
-    STAGES = ("queued", "token_ready", "upstream_headers", "first_byte", "first_token", "end")
+    STAGES = ("sent", "token_ready", "upstream_headers", "first_byte", "first_token", "end")
 
     def __init__(self):
         self.recent: collections.deque = collections.deque(maxlen=RECENT_REQUESTS)
@@ -4942,7 +4961,7 @@ class Bridge:
     def assign(self, job: Job, tab: Tab) -> None:
         job.tab, job.tab_name = tab, tab.name
         job.last_activity = time.monotonic()
-        job.stages.setdefault("queued", job.last_activity)
+        job.stages.setdefault("sent", job.last_activity)
         tab.jobs[job.rid] = job
         tab.assigned += 1
         try:
