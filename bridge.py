@@ -955,18 +955,23 @@ def _object_field(part: dict, key: str, where: str) -> dict:
     return value
 
 
-def content_to_text(content, limit: int, counter: itertools.count, where: str = "content") -> tuple[str, list]:
-    """OpenAI message content (string or list of parts) -> (text, attachments)."""
+def content_parts(content, where: str) -> list:
+    """OpenAI message content as a list of parts: None is none, a string or one object is one."""
     if content is None:
-        return "", []
-    if isinstance(content, str):
-        return content, []
-    if isinstance(content, dict):
-        content = [content]
+        return []
+    if isinstance(content, (str, dict)):
+        return [content]
     if not isinstance(content, list):
         raise ApiError(400, f"{where} must be a string or a list of parts", "invalid_content")
+    return content
+
+
+def content_to_text(content, limit: int, counter: itertools.count, where: str = "content") -> tuple[str, list]:
+    """OpenAI message content (string or list of parts) -> (text, attachments)."""
+    if isinstance(content, str):
+        return content, []
     texts, files = [], []
-    for i, part in enumerate(content):
+    for i, part in enumerate(content_parts(content, where)):
         at = f"{where}[{i}]"
         if isinstance(part, str):
             texts.append(part)
@@ -2151,17 +2156,10 @@ def _arguments_value(text: str):
 
 def _text_and_other_parts(content, field: str) -> tuple[str, list]:
     """Message content -> (its text, its non-text parts kept for the bridge's attachment code)."""
-    if content is None:
-        return "", []
     if isinstance(content, str):
         return content, []
-    if isinstance(content, dict):
-        content = [content]
-    if not isinstance(content, list):
-        raise _bad(f"'{field}' must be a string or an array of content parts "
-                   f"(got {_describe(content)}).")
     texts, other = [], []
-    for j, part in enumerate(content):
+    for j, part in enumerate(content_parts(content, field)):
         if isinstance(part, str):
             texts.append(part)
         elif not isinstance(part, dict):
