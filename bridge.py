@@ -4733,6 +4733,8 @@ class Stats:
             self.recent.append({"id": rid, "model": model, "tab": tab, "status": status, "error": error,
                                 "ms": round(ms, 1), "at": time.time(), "stages_ms": stages,
                                 "attempts": job.attempt + 1})
+            log.debug("%s stages (ms from the request): %s; %d attempt(s)", rid,
+                      ", ".join(f"{k} {v:g}" for k, v in stages.items()), job.attempt + 1)
 
     def stage_percentiles(self) -> dict:
         out = {}

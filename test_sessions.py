@@ -136,6 +136,60 @@ class RequestBuilding(unittest.TestCase):
         self.assertIsNone(bridge.retry_plan(bridge.ApiError(429, "x", "rate_limited"), True, 0))
 
 
+class JobWithoutSockets(unittest.TestCase):
+    """A Job only accumulates: tab messages in, answer events out, no socket anywhere."""
+
+    class Hub:
+        def __init__(self, retry=False):
+            self.dirty, self.ended, self.noted, self.retry = set(), [], [], retry
+
+        def retry_job(self, job, err):
+            return self.retry
+
+        def job_ended(self, job):
+            self.ended.append(job)
+
+        def note_upstream_error(self, tab, err):
+            self.noted.append(err.code)
+
+    class Plan:
+        def task_message(self, rid, flags):
+            return json.dumps({"request_id": rid, "flags": flags})
+
+    def test_tab_messages_to_events_and_reply(self):
+        """Rows become text and reasoning events; the finish ends the job; a Reply renders them."""
+        hub = self.Hub()
+        job = bridge.Job(hub, "m", self.Plan())
+        for data in ('a0:"Hel', 'lo"\nag:"why"\n', 'a0:" there"\n', 'ad:{"finishReason":"length"}\n'):
+            job.on_tab_data(data)
+        self.assertIn(job, hub.dirty)
+        events = job.take()
+        self.assertEqual([e[0] for e in events], ["text", "reasoning", "text"])
+        self.assertTrue(job.done and job.output and job.received)
+        self.assertEqual((job.finish_reason, hub.ended), ("length", [job]))
+        reply = bridge.OpenAIReply("m", False, False, 10)
+        reply.render(events)
+        body = reply.body(job)
+        self.assertEqual(body["choices"][0]["message"], {"role": "assistant", "content": "Hello there",
+                                                         "reasoning_content": "why"})
+        self.assertEqual(body["choices"][0]["finish_reason"], "length")
+
+    def test_error_before_output_asks_for_a_retry(self):
+        """An error before any output goes to the hub first; a retried job starts a new attempt."""
+        hub = self.Hub(retry=True)
+        job = bridge.Job(hub, "m", self.Plan())
+        job.on_tab_data({"error": "recaptcha validation failed", "status": 403})
+        self.assertFalse(job.done)
+        job.next_attempt({"recaptcha": "v2"})
+        self.assertEqual(job.rid, job.id + ".1")
+        self.assertEqual(json.loads(job.message)["flags"], {"recaptcha": "v2"})
+        hub.retry = False
+        job.on_tab_data('a0:"x"\n')
+        job.on_tab_data({"error": "boom", "status": 500})      # after output: no retry, noted
+        self.assertTrue(job.done)
+        self.assertEqual((job.error.code, hub.noted), ("upstream_error", ["upstream_error"]))
+
+
 # (a) Pure: the response stream in its three dialects, exact at every split (2.6) ==============
 
 def norm(event):
