@@ -1,30 +1,65 @@
 """Benchmark for LMArena Bridge: what the bridge adds to a model's answer.
 
-    python bench.py                                  # the bridge alone
+    python bench.py                                  # the bridge alone, every scenario below
     python bench.py --compare "~/bench-venv/bin/python ../shared/bench/fastapi_relay.py --port {port}"
+    python bench.py --equal-load --compare "..."     # both servers at the same offered loads
 
-For each server it starts the process with a temporary config, a fake tab in a separate process
-(one WebSocket message per LMArena line, the worst case), and an HTTP/1.1 load generator in this
-process, then prints per-scenario figures. Every answer is checked for the exact text: a wrong
-answer is a failure, not a fast run. CPU and memory are the server process's own (from /proc).
+Each server runs with a temporary config and its own fake tab (a separate process, one WebSocket
+message per LMArena line: the worst case); the HTTP load comes from this process. Every answer is
+checked for its exact text: a wrong answer is a failure, not a fast run. CPU and memory are the
+server process's own, read from /proc (CPU with nanosecond precision from schedstat).
 
-Scenarios
+Default run: every scenario, servers alternating, --rounds times; medians are printed.
   start        time from process start to accepting connections (ms)
   idle         resident memory with one tab connected and no load (MiB), and per idle
                keep-alive connection (KiB, 500 of them)
   latency      one request at a time: time to the first answer token, p50 (ms)
-  stream10     10 concurrent streaming requests of 50 tokens: requests/s, time to the first
-               token p50/p99 (ms; "ttfb"; at saturation the fake tab process is the queue),
-               server CPU per request (ms) and per streamed token (us)
+  stream10     10 concurrent streaming requests of 50 tokens (closed loop, --requests of them):
+               requests/s, time to the first token p50/p99 (ms; "ttfb"; at saturation the fake
+               tab process is the queue), server CPU per request (ms) and per streamed token (us)
   long         one answer of 5,000 and of 20,000 tokens end to end (ms): cost should grow linearly
   streams100   peak resident memory with 100 concurrent streams open (MiB)
+
+--equal-load: the same offered load for every server (open loop). At each level, requests start
+on a fixed schedule of R per second whatever the answers do; each is a streaming chat completion
+of --tokens tokens on a free keep-alive connection (or a new one: the connect counts). First-token
+time (the first content delta) and total time count from the request's scheduled start (from its
+actual start when the client's timer fired up to 1 ms early), so a server that falls behind shows
+it as latency, not as fewer requests. Levels: --levels "50,100,200", or by default 10%, 25%, 50%,
+75%, 100% and 125% of a quick saturation probe (10 concurrent streams, closed loop) of the
+reference (the --compare server; the bridge without one). Each server gets --duration seconds per
+level and round, in --slices slices alternating with the other server's, so a busy moment of a
+shared machine hits both alike; percentiles are medians over the rounds. A level is "sustained"
+when the achieved rate is >= 95% of the offered one with no errors (no failed, wrong, timed-out or
+dropped request: at most --max-in-flight at once).
+Printed per level: achieved requests/s, errors, first-token and total p50/p99 (ms), server CPU per
+token (us), the CPU of the fake tab and of this client (% of one core), the client's own lag
+behind its schedule (p99, ms: it counts in the server's latency; a large one means the machine
+was busy), and the bridge's own stage timings from its /health; then the goals: bridge first-token
+p50 and p99 at most the reference's at every load the reference sustains, and bridge CPU per token
+at most a third of the reference's (at the highest level the reference sustains).
+--tab-delay S makes the fake tab wait S seconds between its messages (default 0: bursts).
+--busy-client makes the client poll instead of sleeping: it costs a core, and takes the client's
+own wake-up latency (large on an idle VM) out of the first-token figures.
+--bridge CMD runs another bridge command ({port}, {config}: a temporary config), e.g. a patched
+copy; --compare may use {config} too (two bridges side by side).
+
+The client is cheap on purpose (raw asyncio protocols, chunked SSE parsed by hand, answers checked
+after the timed part); the fake tab frames its WebSocket messages itself (masked with a zero key,
+which servers cannot tell from any other), so both cost the servers' shared CPUs as little as can be.
 Needs only what the bridge needs (websockets); the reference relay needs its own venv
 (see ../shared/bench/README.md).
 """
 import argparse
 import asyncio
+import base64
+import collections
+import contextlib
 import json
+import math
 import os
+import re
+import select
 import shlex
 import socket
 import statistics
@@ -32,111 +67,391 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SID = "0198c5a1-1111-7aaa-8bbb-123456789abc"
-MID = "0198c5a1-2222-7aaa-8bbb-123456789abc"
 TOKEN = "hello "
+TOKEN_BYTES = TOKEN.encode()
 
 
 # -- the fake tab (runs in its own process: `python bench.py --tab URL`) ----------------------------
 
+def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """One final client frame. Clients must mask; a zero key leaves the payload as it is."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+def prompt_of(payload: dict) -> str:
+    """The prompt of a task: the create-evaluation request's user message, else the last template."""
+    try:
+        return payload["request"]["body"]["userMessage"]["content"]
+    except (KeyError, TypeError):
+        return payload["message_templates"][-1]["content"]
+
+
+class FakeTab(asyncio.Protocol):
+    """A userscript tab: answers every task with N text lines ("tokens:N" in the prompt, else 50),
+    a finish line and [DONE], one WebSocket message each; ignores commands; answers pings."""
+
+    def __init__(self, host: str, path: str, delay: float):
+        self.request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                        "Sec-WebSocket-Version: 13\r\nOrigin: https://lmarena.ai\r\n\r\n").encode()
+        self.delay = delay
+        self.buf = bytearray()
+        self.open = False
+        self.fragments: list[bytes] = []
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def connection_lost(self, exc) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if not self.open:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if b" 101 " not in buf[:end].split(b"\r\n", 1)[0]:
+                raise SystemExit(f"tab refused: {bytes(buf[:200])!r}")
+            del buf[:end + 4]
+            self.open = True
+            print("connected", flush=True)         # the Server waits for this line
+        while len(buf) >= 2:                       # server frames are not masked
+            opcode, n, pos = buf[0] & 0x0F, buf[1] & 0x7F, 2
+            if n == 126:
+                n, pos = int.from_bytes(buf[2:4], "big"), 4
+            elif n == 127:
+                n, pos = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < pos + n or pos > len(buf):
+                return
+            fin, payload = buf[0] & 0x80, bytes(buf[pos:pos + n])
+            del buf[:pos + n]
+            if opcode == 9:
+                self.transport.write(ws_frame(payload, 10))
+            elif opcode == 8:
+                self.transport.write(ws_frame(payload[:2], 8))
+                self.transport.close()
+                return
+            elif opcode in (0, 1, 2):
+                self.fragments.append(payload)
+                if fin:
+                    message, self.fragments = b"".join(self.fragments), []
+                    self.on_message(message)
+
+    def on_message(self, raw: bytes) -> None:
+        msg = json.loads(raw)
+        if msg.get("payload") is None:             # a command (keep_token_ready, abort, ...)
+            return
+        prompt = prompt_of(msg["payload"])
+        tokens = int(prompt.split(":")[1]) if prompt.startswith("tokens:") else 50
+        rid = msg["request_id"]
+        frames = [ws_frame(json.dumps({"request_id": rid, "data": f"a0:{json.dumps(TOKEN)}\n"}).encode())] * tokens
+        frames.append(ws_frame(json.dumps({"request_id": rid, "data": 'ad:{"finishReason":"stop"}\n'}).encode()))
+        frames.append(ws_frame(json.dumps({"request_id": rid, "data": "[DONE]"}).encode()))
+        if not self.delay:
+            for frame in frames:                   # one write each: separate messages on the wire
+                self.transport.write(frame)
+            return
+        loop, it = asyncio.get_running_loop(), iter(frames)
+
+        def step():
+            frame = next(it, None)
+            if frame is not None and not self.transport.is_closing():
+                self.transport.write(frame)
+                loop.call_later(self.delay, step)
+        step()
+
+
 async def fake_tab(url: str, delay: float) -> None:
-    import websockets
-    async with websockets.connect(url, origin="https://lmarena.ai", max_size=None) as ws:
-        async def answer(rid: str, tokens: int) -> None:
-            line = f"a0:{json.dumps(TOKEN)}\n"
-            for _ in range(tokens):
-                await ws.send(json.dumps({"request_id": rid, "data": line}))
-                if delay:
-                    await asyncio.sleep(delay)
-            await ws.send(json.dumps({"request_id": rid, "data": 'ad:{"finishReason":"stop"}\n'}))
-            await ws.send(json.dumps({"request_id": rid, "data": "[DONE]"}))
-
-        async for raw in ws:
-            msg = json.loads(raw)
-            if msg.get("payload") is None:
-                continue
-            # The prompt says how many tokens to answer with ("tokens:N").
-            content = msg["payload"]["message_templates"][-1]["content"]
-            tokens = int(content.split(":")[1]) if content.startswith("tokens:") else 50
-            asyncio.get_running_loop().create_task(answer(msg["request_id"], tokens))
+    host, _, path = url.removeprefix("ws://").partition("/")
+    name, _, port = host.rpartition(":")
+    loop = asyncio.get_running_loop()
+    _, tab = await loop.create_connection(lambda: FakeTab(host, "/" + path, delay), name, int(port))
+    await tab.closed
 
 
-# -- the load generator -------------------------------------------------------------------------------
+# -- the HTTP client ------------------------------------------------------------------------------------
 
-async def one_request(port: int, tokens: int, conn=None):
-    """POST a streaming chat completion on a keep-alive connection; returns (ttfb, total, conn)."""
+Response = collections.namedtuple("Response", "status first end body chunked keep")
+
+
+class HttpConn(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 client connection, one request at a time. The times (perf_counter)
+    of the first answer token and of the response's end are taken as bytes arrive; the raw body
+    is kept and checked later (check_answer), off the timed path."""
+
+    def __init__(self):
+        self.transport = None
+        self.closed = False
+        self.fut: asyncio.Future | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def request(self, data: bytes) -> asyncio.Future:
+        self.buf, self.head, self.first, self.scan = bytearray(), None, None, 0
+        self.fut = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return self.fut
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        buf = self.buf
+        buf += data
+        if self.head is None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.head = bytes(buf[:end]).lower()
+            self.start = self.scan = end + 4
+            self.chunked = b"transfer-encoding: chunked" in self.head
+            m = re.search(rb"content-length: *(\d+)", self.head)
+            self.length = int(m[1]) if m else None
+        if self.first is None:
+            if buf.find(TOKEN_BYTES, max(self.start, self.scan - len(TOKEN_BYTES))) >= 0:
+                self.first = now
+            else:
+                self.scan = len(buf)
+        if self.chunked:
+            done = buf.endswith(b"0\r\n\r\n") and (len(buf) == self.start + 5 or buf.endswith(b"\r\n0\r\n\r\n"))
+        elif self.length is not None:
+            done = len(buf) - self.start >= self.length
+        else:
+            return                                 # ends when the server closes
+        if done:
+            self.finish(now)
+
+    def finish(self, now: float) -> None:
+        fut, self.fut = self.fut, None
+        if fut is not None and not fut.done():
+            fut.set_result(Response(int(self.head[9:12]), self.first, now, bytes(self.buf[self.start:]),
+                                    self.chunked, b"connection: close" not in self.head))
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if self.fut is not None and not self.fut.done():
+            if self.head is not None and not self.chunked and self.length is None:
+                self.finish(time.perf_counter())
+            else:
+                self.fut.set_exception(ConnectionError("connection closed before the response ended"))
+
+    def close(self) -> None:
+        self.closed = True
+        self.transport.close()
+
+
+async def connect(port: int) -> HttpConn:
+    _, conn = await asyncio.get_running_loop().create_connection(HttpConn, "127.0.0.1", port)
+    return conn
+
+
+def chat_request(tokens: int) -> bytes:
     body = json.dumps({"model": "bench-model", "stream": True,
                        "messages": [{"role": "user", "content": f"tokens:{tokens}"}]}).encode()
-    req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer x\r\n"
-           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
-    if conn is None:
-        conn = await asyncio.open_connection("127.0.0.1", port, limit=2**24)
-    reader, writer = conn
-    t0 = time.perf_counter()
-    writer.write(req)
-    head = await reader.readuntil(b"\r\n\r\n")
-    if b" 200 " not in head.split(b"\r\n", 1)[0]:
-        raise RuntimeError(f"status: {head[:100]!r}")
-    headers = head.lower()
-    text = []
-    ttfb = None           # time to the first answer token (not to the response head)
-    if b"transfer-encoding: chunked" in headers:
-        data = bytearray()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+
+
+def check_answer(resp: Response, tokens: int) -> None:
+    """Raises unless the response is a complete stream of exactly the expected text."""
+    if resp.status != 200:
+        raise RuntimeError(f"status {resp.status}: {resp.body[:200]!r}")
+    data, body = resp.body, resp.body
+    if resp.chunked:
+        parts, i = [], 0
         while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            j = body.index(b"\r\n", i)
+            size = int(body[i:j].split(b";")[0], 16)
             if size == 0:
-                await reader.readuntil(b"\r\n")
                 break
-            data += await reader.readexactly(size)
-            await reader.readexactly(2)
-            if ttfb is None and TOKEN.encode() in data:
-                ttfb = time.perf_counter() - t0
-    else:
-        data = await reader.read()
-        ttfb = time.perf_counter() - t0
-        conn = None
-    done = False
-    for line in bytes(data).split(b"\n"):
+            parts.append(body[j + 2:j + 2 + size])
+            i = j + 4 + size
+        data = b"".join(parts)
+    text, done = [], False
+    for line in data.split(b"\n"):
         if not line.startswith(b"data: "):
             continue
-        payload = line[6:]
-        if payload == b"[DONE]":
+        if line[6:] == b"[DONE]":
             done = True
             continue
-        obj = json.loads(payload)
+        obj = json.loads(line[6:])
         if "error" in obj:
             raise RuntimeError(f"error event: {obj}")
         for ch in obj.get("choices", []):
-            c = ch.get("delta", {}).get("content")
-            if c:
+            if c := ch.get("delta", {}).get("content"):
                 text.append(c)
     if not done:
         raise RuntimeError("no [DONE]")
     if "".join(text) != TOKEN * tokens:
         raise RuntimeError(f"wrong text ({len(''.join(text))} chars, expected {len(TOKEN) * tokens})")
-    return ttfb, time.perf_counter() - t0, conn
+    if resp.first is None:
+        raise RuntimeError("no answer token seen")
 
 
-async def load(port: int, requests: int, concurrency: int, tokens: int):
+async def one_request(port: int, tokens: int, conn: HttpConn | None = None):
+    """One streaming chat completion; returns (time to first token, total time, connection)."""
+    if conn is None or conn.closed:
+        conn = await connect(port)
+    t0 = time.perf_counter()
+    resp = await conn.request(chat_request(tokens))
+    check_answer(resp, tokens)
+    if not resp.keep:
+        conn.close()
+    return resp.first - t0, resp.end - t0, conn
+
+
+async def load(port: int, requests: int, concurrency: int, tokens: int) -> dict:
+    """Closed loop: `concurrency` connections, each sending its next request when the last ends."""
     ttfbs, totals = [], []
-    queue = list(range(requests))
+    left = [requests]
 
     async def worker():
         conn = None
-        while queue:
-            queue.pop()
+        while left[0] > 0:
+            left[0] -= 1
             ttfb, total, conn = await one_request(port, tokens, conn)
             ttfbs.append(ttfb)
             totals.append(total)
         if conn:
-            conn[1].close()
+            conn.close()
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
     return {"rps": requests / wall, "ttfb_p50_ms": pct(ttfbs, .5) * 1000, "ttfb_p99_ms": pct(ttfbs, .99) * 1000,
             "total_p50_ms": pct(totals, .5) * 1000}
+
+
+async def open_loop(server: "Server", rps: float, seconds: float, tokens: int, max_in_flight: int,
+                    busy: bool = False) -> dict:
+    """Open loop: request i starts at t0 + i/rps whatever the answers do. Returns the samples,
+    errors, and the CPU each process used while the requests ran.
+
+    A sample counts from the earlier of the request's scheduled and actual start: the client wakes
+    up to 1 ms early (asyncio's timers round up to whole milliseconds) and then counts from the
+    actual start; when it is late (its own queue), the delay counts. A request waits for no other:
+    it takes an idle keep-alive connection or opens one (the connect counts). Requests are
+    callbacks, not tasks (cheap). `busy`: the client polls instead of sleeping between events (it
+    costs a core, and takes this client's wake-up latency out of the figures)."""
+    loop = asyncio.get_running_loop()
+    data = chat_request(tokens)
+    idle = [await connect(server.port) for _ in range(min(max_in_flight, 8 + int(rps / 20)))]
+    done: list = []                  # (origin, lag, Response)
+    errors: list[str] = []
+    in_flight: set = set()           # connections waiting for their response
+    connecting: set = set()          # tasks opening a connection for a request
+    settled = asyncio.Event()
+    over = False                     # all requests are scheduled
+
+    def start(conn: HttpConn, origin: float, lag: float) -> None:
+        in_flight.add(conn)
+        conn.request(data).add_done_callback(lambda fut: finished(conn, origin, lag, fut))
+
+    def finished(conn: HttpConn, origin: float, lag: float, fut: asyncio.Future) -> None:
+        if conn not in in_flight:                  # given up on at the deadline
+            return
+        in_flight.discard(conn)
+        if fut.exception() is not None:
+            errors.append(repr(fut.exception()))
+            conn.close()
+        else:
+            done.append((origin, lag, fut.result()))
+            if fut.result().keep and not conn.closed:
+                idle.append(conn)
+            else:
+                conn.close()
+        if over and not in_flight and not connecting:
+            settled.set()
+
+    async def connect_then_start(origin: float, lag: float) -> None:
+        try:
+            conn = await connect(server.port)
+        except OSError as e:
+            errors.append(repr(e))
+        else:
+            start(conn, origin, lag)
+        finally:
+            connecting.discard(asyncio.current_task())
+            if over and not in_flight and not connecting:
+                settled.set()
+
+    async def poll() -> None:
+        while not settled.is_set():
+            await asyncio.sleep(0)
+
+    dropped = 0
+    poller = loop.create_task(poll()) if busy else None
+    n = max(1, round(rps * seconds))
+    cpu0 = (cpu_seconds(server.proc.pid), cpu_seconds(server.tab.pid), time.process_time())
+    t0 = time.perf_counter() + 0.01
+    for i in range(n):
+        at = t0 + i / rps
+        now = time.perf_counter()
+        if at - now > 0.001:
+            await asyncio.sleep(at - now - 0.001)
+            now = time.perf_counter()
+        while busy and now < at:                   # polling anyway: start on time
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+        if len(in_flight) + len(connecting) >= max_in_flight:
+            dropped += 1
+            continue
+        origin, lag = min(at, now), now - at
+        while idle and idle[-1].closed:
+            idle.pop()
+        if idle:
+            start(idle.pop(), origin, lag)
+        else:
+            task = loop.create_task(connect_then_start(origin, lag))
+            connecting.add(task)
+    over = True
+    if in_flight or connecting:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(settled.wait(), max(10.0, seconds * 2))
+    wall = time.perf_counter() - t0
+    cpu1 = (cpu_seconds(server.proc.pid), cpu_seconds(server.tab.pid), time.process_time())
+    settled.set()
+    if poller is not None:
+        await poller
+    errors.extend(["timed out"] * (len(in_flight) + len(connecting)))
+    errors.extend(["dropped: too many in flight"] * dropped)
+    for task in list(connecting):
+        task.cancel()
+    for conn in list(in_flight) + idle:
+        conn.close()
+    in_flight.clear()
+    ttfb, total, lag, ends = [], [], [], []
+    for origin, late, resp in done:               # checked after the timed part
+        try:
+            check_answer(resp, tokens)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+            continue
+        ttfb.append(resp.first - origin)
+        total.append(resp.end - origin)
+        lag.append(late)
+        ends.append(resp.end)
+    # Achieved rate: completions over the time between the first and the last (answer length adds
+    # no delay to it; a server that falls behind completes at its own pace).
+    span = max(ends) - min(ends) if len(ends) > 1 else 0.0
+    return {"offered": rps, "achieved": (len(ends) - 1) / span if span else 0.0, "span": span,
+            "ok": len(ends), "errors": len(errors),
+            "first_error": errors[0] if errors else None, "ttfb": ttfb, "total": total, "lag": lag,
+            "server_cpu": cpu1[0] - cpu0[0], "tab_cpu": cpu1[1] - cpu0[1], "client_cpu": cpu1[2] - cpu0[2],
+            "wall": wall, "tokens": tokens}
 
 
 async def idle_connections(server, n: int) -> float:
@@ -156,6 +471,8 @@ async def idle_connections(server, n: int) -> float:
 
 
 def pct(xs, q):
+    if not xs:
+        return math.nan
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
@@ -163,9 +480,20 @@ def pct(xs, q):
 # -- process measurements ------------------------------------------------------------------------------
 
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process's threads: from schedstat (ns), else utime+stime (clock ticks)."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except FileNotFoundError:             # a thread that just ended
+                pass
+        return total / 1e9
+    except OSError:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def mem_mib(pid: int, key: str) -> float:
@@ -183,6 +511,8 @@ def free_port() -> int:
 
 
 class Server:
+    """A server process (command with {port}) and its fake tab process."""
+
     def __init__(self, command: str, tab_delay: float = 0.0):
         self.port = free_port()
         argv = [os.path.expanduser(a) for a in shlex.split(command.format(port=self.port))]
@@ -198,8 +528,12 @@ class Server:
                 time.sleep(0.002)
         self.start_ms = (time.perf_counter() - t0) * 1000
         self.tab = subprocess.Popen([sys.executable, __file__, "--tab", f"ws://127.0.0.1:{self.port}/ws",
-                                     "--tab-delay", str(tab_delay)], stderr=subprocess.DEVNULL)
-        time.sleep(0.8)
+                                     "--tab-delay", str(tab_delay)], stdout=subprocess.PIPE)
+        ready, _, _ = select.select([self.tab.stdout], [], [], 30)
+        if not ready or self.tab.stdout.readline() != b"connected\n":
+            self.close()
+            raise SystemExit(f"the fake tab could not connect to {command}")
+        time.sleep(0.2)                       # the server registers the tab after the handshake
 
     def close(self):
         for p in (self.tab, self.proc):
@@ -210,81 +544,278 @@ class Server:
                 p.kill()
 
 
-def bench_server(name: str, command: str, args) -> dict:
-    out = {"name": name}
-    s = Server(command)
-    try:
-        out["start_ms"] = s.start_ms
-        asyncio.run(load(s.port, 20, 2, 50))                       # warm up
-        time.sleep(0.3)
-        out["idle_mib"] = mem_mib(s.proc.pid, "VmRSS")
-        out["kib_per_idle_conn"] = asyncio.run(idle_connections(s, 500))
-        r = asyncio.run(load(s.port, 300, 1, 50))                  # unloaded latency, one at a time
-        out["ttfb_c1_p50_ms"] = r["ttfb_p50_ms"]
-        cpu0 = cpu_seconds(s.proc.pid)
-        r = asyncio.run(load(s.port, args.requests, 10, 50))
-        cpu = cpu_seconds(s.proc.pid) - cpu0
-        out.update({k: r[k] for k in ("rps", "ttfb_p50_ms", "ttfb_p99_ms")})
-        out["cpu_ms_per_req"] = cpu * 1000 / args.requests
-        out["cpu_us_per_token"] = cpu * 1e6 / (args.requests * 50)
-        for tokens in (5000, 20000):
-            times = []
-            for _ in range(3):
-                _, total, conn = asyncio.run(one_request(s.port, tokens))
-                times.append(total * 1000)
-            out[f"long_{tokens}_ms"] = statistics.median(times)
-    finally:
-        s.close()
+# -- the default run: one function per scenario ---------------------------------------------------------
+
+def scenario_idle(s: Server, out: dict) -> None:
+    time.sleep(0.3)
+    out["idle_mib"] = mem_mib(s.proc.pid, "VmRSS")
+    out["kib_per_idle_conn"] = asyncio.run(idle_connections(s, 500))
+
+
+def scenario_latency(s: Server, out: dict) -> None:
+    out["ttfb_c1_p50_ms"] = asyncio.run(load(s.port, 300, 1, 50))["ttfb_p50_ms"]
+
+
+def scenario_stream10(s: Server, out: dict, requests: int) -> None:
+    cpu0 = cpu_seconds(s.proc.pid)
+    r = asyncio.run(load(s.port, requests, 10, 50))
+    cpu = cpu_seconds(s.proc.pid) - cpu0
+    out.update({k: r[k] for k in ("rps", "ttfb_p50_ms", "ttfb_p99_ms")})
+    out["cpu_ms_per_req"] = cpu * 1000 / requests
+    out["cpu_us_per_token"] = cpu * 1e6 / (requests * 50)
+
+
+def scenario_long(s: Server, out: dict) -> None:
+    async def one(tokens):
+        _, total, conn = await one_request(s.port, tokens)
+        conn.close()
+        return total * 1000
+    for tokens in (5000, 20000):
+        out[f"long_{tokens}_ms"] = statistics.median(asyncio.run(one(tokens)) for _ in range(3))
+
+
+def scenario_streams100(command: str, out: dict) -> None:
     s = Server(command, tab_delay=0.01)       # slow tokens so 100 streams are open at once
     try:
         asyncio.run(load(s.port, 100, 100, 100))
         out["peak_mib_100_streams"] = mem_mib(s.proc.pid, "VmHWM")
     finally:
         s.close()
+
+
+def bench_server(name: str, command: str, args) -> dict:
+    out = {"name": name}
+    s = Server(command)
+    try:
+        out["start_ms"] = s.start_ms
+        asyncio.run(load(s.port, 20, 2, 50))                       # warm up
+        scenario_idle(s, out)
+        scenario_latency(s, out)
+        scenario_stream10(s, out, args.requests)
+        scenario_long(s, out)
+    finally:
+        s.close()
+    scenario_streams100(command, out)
     return out
 
 
-def bridge_command(folder: str) -> str:
-    cfg = os.path.join(folder, "config.jsonc")
-    with open(cfg, "w") as f:
-        json.dump({"session_id": SID, "message_id": MID, "log_level": "warning",
-                   "enable_auto_update": False}, f)
-    return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'bridge.py'))} --port {{port}} --config {shlex.quote(cfg)}"
+DEFAULT_KEYS = ["start_ms", "idle_mib", "kib_per_idle_conn", "ttfb_c1_p50_ms", "rps", "ttfb_p50_ms", "ttfb_p99_ms",
+                "cpu_ms_per_req", "cpu_us_per_token", "long_5000_ms", "long_20000_ms", "peak_mib_100_streams"]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--compare", help="another server command with {port}, run under the identical load")
-    p.add_argument("--requests", type=int, default=1000, help="requests in the stream10 scenario")
-    p.add_argument("--rounds", type=int, default=3, help="rounds (servers alternate; medians are printed)")
-    p.add_argument("--tab", help=argparse.SUPPRESS)
-    p.add_argument("--tab-delay", type=float, default=0.0, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.tab:
-        asyncio.run(fake_tab(args.tab, args.tab_delay))
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        servers = [("bridge", bridge_command(folder))]
-        if args.compare:
-            servers.append(("reference", args.compare))
-        results = {name: [] for name, _ in servers}
-        for _ in range(args.rounds):
-            for name, command in servers:
-                r = bench_server(name, command, args)
-                results[name].append(r)
-                print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
-    keys = ["start_ms", "idle_mib", "kib_per_idle_conn", "ttfb_c1_p50_ms", "rps", "ttfb_p50_ms", "ttfb_p99_ms", "cpu_ms_per_req", "cpu_us_per_token",
-            "long_5000_ms", "long_20000_ms", "peak_mib_100_streams"]
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in results.items()}
-    print(f"\nmedians over {args.rounds} rounds ({os.cpu_count()} CPUs, Python {sys.version.split()[0]})")
+def default_run(servers: list, args) -> None:
+    results = {name: [] for name, _ in servers}
+    for _ in range(args.rounds):
+        for name, command in servers:
+            r = bench_server(name, command, args)
+            results[name].append(r)
+            print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in DEFAULT_KEYS} for name, rs in results.items()}
+    print(f"\nmedians over {args.rounds} rounds ({machine()})")
     print(f"{'figure':24}" + "".join(f"{name:>14}" for name in med) + ("   bridge/reference" if len(med) > 1 else ""))
-    for k in keys:
+    for k in DEFAULT_KEYS:
         row = f"{k:24}" + "".join(f"{med[name][k]:14.2f}" for name in med)
         if len(med) > 1 and med["reference"][k]:
             row += f"   x{med['bridge'][k] / med['reference'][k]:.2f}"
         print(row)
     b = med["bridge"]
     print(f"linearity: 20,000 tokens take x{b['long_20000_ms'] / b['long_5000_ms']:.2f} the time of 5,000 (4.00 is linear)")
+
+
+# -- the equal-load comparison ----------------------------------------------------------------------------
+
+def nice(x: float) -> int:
+    """Two significant digits: 187.3 -> 190."""
+    if x < 10:
+        return max(1, round(x))
+    step = 10 ** (len(str(int(x))) - 2)
+    return int(round(x / step) * step)
+
+
+def equal_load(servers: list, args) -> None:
+    """The --equal-load scenario: every level, every round, both servers (fresh each round)."""
+    levels = [float(x) for x in args.levels.split(",")] if args.levels != "auto" else None
+    runs: dict = collections.defaultdict(list)        # (name, level) -> one result per round
+    probe = None
+    for rnd in range(args.rounds):
+        started = []
+        try:
+            for name, command in servers:
+                started.append((name, Server(command, tab_delay=args.tab_delay)))
+            for name, s in started:
+                asyncio.run(load(s.port, 200, 4, args.tokens))          # warm up
+            if levels is None:
+                ref = started[-1][1]
+                probe = asyncio.run(load(ref.port, 600, 10, args.tokens))["rps"]
+                levels = sorted({nice(probe * f) for f in (0.1, 0.25, 0.5, 0.75, 1.0, 1.25)})
+                print(f"saturation probe of {started[-1][0]} (10 concurrent streams): {probe:.0f} requests/s; "
+                      f"levels {levels}", flush=True)
+            for rps in levels:
+                results = level_round(started, rps, args)
+                for name, r in results.items():
+                    runs[name, rps].append(r)
+                    print(f"round {rnd + 1} {rps:g} rps {name:9}: achieved {r['achieved']:.1f}, errors {r['errors']}, "
+                          f"first token p50 {pct(r['ttfb'], .5) * 1000:.2f} p99 {pct(r['ttfb'], .99) * 1000:.2f} ms, "
+                          f"total p50 {pct(r['total'], .5) * 1000:.2f} ms, client CPU {r['client_cpu'] / r['wall']:.0%}"
+                          + (f" ({r['first_error']})" if r['first_error'] else ""), flush=True)
+        finally:
+            for _, s in started:
+                s.close()
+    report_equal_load([name for name, _ in servers], levels, runs, args, probe)
+
+
+def level_round(started: list, rps: float, args) -> dict:
+    """One round of one level: --slices slices per server, servers alternating slice by slice (so a
+    noisy moment of the shared machine hits both alike); returns each server's merged result."""
+    slices = collections.defaultdict(list)
+    for k in range(args.slices):
+        for name, s in (started if k % 2 == 0 else started[::-1]):
+            slices[name].append(asyncio.run(open_loop(s, rps, args.duration / args.slices, args.tokens,
+                                                      args.max_in_flight, args.busy_client)))
+            time.sleep(0.1)
+    merged = {}
+    for name, s in started:
+        rs = slices[name]
+        m = {k: sum(r[k] for r in rs) for k in ("ok", "errors", "span", "server_cpu", "tab_cpu", "client_cpu", "wall")}
+        m.update({k: [x for r in rs for x in r[k]] for k in ("ttfb", "total", "lag")})
+        m["achieved"] = sum(r["ok"] - 1 for r in rs if r["span"]) / m["span"] if m["span"] else 0.0
+        m["first_error"] = next((r["first_error"] for r in rs if r["first_error"]), None)
+        m["tokens"] = args.tokens
+        m["stages"] = bridge_stages(s.port) if name == "bridge" else None
+        merged[name] = m
+    return merged
+
+
+def bridge_stages(port: int) -> dict | None:
+    """The bridge's own stage timings of its last requests (p50/p99, ms from the job's start), from
+    /health; None when it has none."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            return json.load(r).get("stages_ms") or None
+    except (OSError, ValueError):
+        return None
+
+
+def summary(rs: list) -> dict:
+    """One level's rounds for one server: the median over rounds of each percentile and of the
+    achieved rate; errors summed; CPU per token over all rounds."""
+    tokens = sum(r["ok"] for r in rs) * rs[0]["tokens"]
+    f = {"achieved": statistics.median(r["achieved"] for r in rs), "errors": sum(r["errors"] for r in rs)}
+    for key in ("ttfb", "total", "lag"):
+        for q in (50, 99):
+            f[f"{key}_p{q}"] = statistics.median(pct(r[key], q / 100) * 1000 for r in rs)
+    wall = sum(r["wall"] for r in rs)
+    f["cpu_us_token"] = sum(r["server_cpu"] for r in rs) * 1e6 / tokens if tokens else math.nan
+    f["tab_cpu"] = sum(r["tab_cpu"] for r in rs) / wall * 100
+    f["client_cpu"] = sum(r["client_cpu"] for r in rs) / wall * 100
+    return f
+
+
+ROWS = [("achieved", "achieved requests/s", "{:.1f}"), ("errors", "errors", "{:d}"),
+        ("ttfb_p50", "first token p50 (ms)", "{:.2f}"), ("ttfb_p99", "first token p99 (ms)", "{:.2f}"),
+        ("total_p50", "total p50 (ms)", "{:.2f}"), ("total_p99", "total p99 (ms)", "{:.2f}"),
+        ("cpu_us_token", "server CPU per token (us)", "{:.2f}"), ("tab_cpu", "fake tab CPU (% of a core)", "{:.0f}"),
+        ("client_cpu", "client CPU (% of a core)", "{:.0f}"), ("lag_p99", "client lag p99 (ms)", "{:.2f}")]
+
+
+def report_equal_load(names: list, levels: list, runs: dict, args, probe) -> None:
+    print(f"\nequal load: {args.tokens}-token streams, {args.duration:g} s per level and server in {args.slices} "
+          f"alternating slices, medians over {args.rounds} round(s), fake tab delay {args.tab_delay:g} s"
+          f"{', busy client' if args.busy_client else ''} ({machine()})")
+    ref = names[-1] if len(names) > 1 else None
+    table: dict = {}
+    for rps in levels:
+        f = {name: summary(runs[name, rps]) for name in names}
+        table[rps] = f
+        sustained = {n: f[n]["achieved"] >= 0.95 * rps and f[n]["errors"] == 0 for n in names}
+        print(f"\n{rps:g} requests/s offered" + "".join(f"{n:>12}" for n in names)
+              + ("   bridge/reference" if ref else ""))
+        for key, label, fmt in ROWS:
+            row = f"{label:29}" + "".join(f"{fmt.format(f[n][key]):>12}" for n in names)
+            if ref and key not in ("achieved", "errors", "tab_cpu", "client_cpu", "lag_p99") and f[ref][key]:
+                row += f"   x{f['bridge'][key] / f[ref][key]:.2f}"
+            print(row)
+        print(f"{'sustained':29}" + "".join(f"{'yes' if sustained[n] else 'NO':>12}" for n in names))
+        stages = runs["bridge", rps][-1].get("stages")
+        if stages:
+            print("bridge's own stages, p50/p99 of its last requests (ms from the job's start): "
+                  + ", ".join(f"{k} {v['p50']:g}/{v['p99']:g}" for k, v in stages.items()))
+        for n in names:
+            f[n]["sustained"] = sustained[n]
+    if not ref:
+        return
+    held = [rps for rps in levels if table[rps][ref]["sustained"]]
+    print(f"\ngoal 1: bridge first token p50 and p99 <= the reference's at every load the reference sustains "
+          f"({', '.join(f'{x:g}' for x in held) or 'none'} requests/s)")
+    met = True
+    for rps in held:
+        b, r = table[rps]["bridge"], table[rps][ref]
+        ok50, ok99 = b["ttfb_p50"] <= r["ttfb_p50"], b["ttfb_p99"] <= r["ttfb_p99"]
+        met &= ok50 and ok99
+        print(f"  {rps:6g} rps: p50 {b['ttfb_p50']:.2f} vs {r['ttfb_p50']:.2f} ms ({'met' if ok50 else 'NOT met'}), "
+              f"p99 {b['ttfb_p99']:.2f} vs {r['ttfb_p99']:.2f} ms ({'met' if ok99 else 'NOT met'})")
+    print(f"  -> {'met' if met and held else 'NOT met'}")
+    if held:
+        top = held[-1]
+        b, r = table[top]["bridge"], table[top][ref]
+        ratio = b["cpu_us_token"] / r["cpu_us_token"]
+        print(f"goal 2: bridge CPU per token <= 1/3 of the reference's, at {top:g} requests/s (the highest level "
+              f"the reference sustains): {b['cpu_us_token']:.2f} vs {r['cpu_us_token']:.2f} us, x{ratio:.2f} "
+              f"-> {'met' if ratio <= 1 / 3 else 'NOT met'}")
+
+
+def machine() -> str:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip() + ", "
+                break
+    return f"{os.cpu_count()} CPUs, {model}Python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}"
+
+
+def bridge_config(folder: str) -> str:
+    cfg = os.path.join(folder, "config.jsonc")
+    with open(cfg, "w") as f:                 # session_mode "create" (the default): no ids needed
+        json.dump({"log_level": "warning", "enable_auto_update": False}, f)
+    return cfg
+
+
+def bridge_command(folder: str, command: str | None = None) -> str:
+    """This folder's bridge.py with a temporary config, or `command` ({port}, {config})."""
+    cfg = bridge_config(folder)
+    if command:
+        return command.replace("{config}", shlex.quote(cfg))
+    return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'bridge.py'))} --port {{port}} --config {shlex.quote(cfg)}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--compare", help="the reference server's command with {port}, run under the identical load")
+    p.add_argument("--bridge", help="the bridge's command with {port} and {config} (default: bridge.py here)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (servers alternate; medians over rounds)")
+    p.add_argument("--requests", type=int, default=1000, help="requests in the stream10 scenario")
+    p.add_argument("--equal-load", action="store_true", help="open-loop comparison at equal offered loads")
+    p.add_argument("--levels", default="auto", help='offered loads in requests/s ("50,100,200"), or "auto"')
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per level, server and round")
+    p.add_argument("--slices", type=int, default=4, help="servers alternate this many times per level and round")
+    p.add_argument("--tokens", type=int, default=50, help="tokens per answer (equal load)")
+    p.add_argument("--max-in-flight", type=int, default=400, help="requests open at once; more are dropped")
+    p.add_argument("--tab-delay", type=float, default=0.0, help="seconds between the fake tab's messages (equal load)")
+    p.add_argument("--busy-client", action="store_true", help="the client polls, never sleeps (equal load)")
+    p.add_argument("--tab", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.tab:
+        asyncio.run(fake_tab(args.tab, args.tab_delay))
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        servers = [("bridge", bridge_command(folder, args.bridge))]
+        if args.compare:
+            servers.append(("reference", args.compare.replace("{config}", shlex.quote(bridge_config(folder)))))
+        if args.equal_load:
+            equal_load(servers, args)
+        else:
+            default_run(servers, args)
 
 
 if __name__ == "__main__":
