@@ -2185,6 +2185,18 @@ def _attr(value: str) -> str:
     return html.escape(value, quote=True)
 
 
+def _history_call(fn, field: str) -> tuple[str, str]:
+    """(name, arguments text) of a call in the history (`tool_calls[k].function` or `function_call`)."""
+    if not isinstance(fn, dict):
+        raise _bad(f"'{field}' must be an object with 'name' and 'arguments'.")
+    name, args = fn.get("name"), fn.get("arguments", "")
+    if not isinstance(name, str) or not name:
+        raise _bad(f"'{field}.name' must be a string (got {_describe(name)}).")
+    if not isinstance(args, str):
+        raise _bad(f"'{field}.arguments' must be a string of JSON (got {_describe(args)}).")
+    return name, args
+
+
 def tool_history_text(messages) -> list:
     """OpenAI history with tool calls and results -> plain user/assistant/system messages.
 
@@ -2246,27 +2258,12 @@ def tool_history_text(messages) -> list:
                 call_id = call.get("id")
                 if call_id is not None and not isinstance(call_id, str):
                     raise _bad(f"'{field}.id' must be a string (got {_describe(call_id)}).")
-                fn = call.get("function")
-                if not isinstance(fn, dict):
-                    raise _bad(f"'{field}.function' must be an object with 'name' and 'arguments'.")
-                name, args = fn.get("name"), fn.get("arguments", "")
-                if not isinstance(name, str) or not name:
-                    raise _bad(f"'{field}.function.name' must be a string (got {_describe(name)}).")
-                if not isinstance(args, str):
-                    raise _bad(f"'{field}.function.arguments' must be a string of JSON "
-                               f"(got {_describe(args)}).")
+                name, args = _history_call(call.get("function"), f"{field}.function")
                 if call_id:
                     names_by_id[call_id] = name
                 blocks.append(_call_block(name, _arguments_value(args)))
         if legacy is not None:
-            field = f"messages[{i}].function_call"
-            if not isinstance(legacy, dict):
-                raise _bad(f"'{field}' must be an object with 'name' and 'arguments'.")
-            name, args = legacy.get("name"), legacy.get("arguments", "")
-            if not isinstance(name, str) or not name:
-                raise _bad(f"'{field}.name' must be a string (got {_describe(name)}).")
-            if not isinstance(args, str):
-                raise _bad(f"'{field}.arguments' must be a string of JSON (got {_describe(args)}).")
+            name, args = _history_call(legacy, f"messages[{i}].function_call")
             blocks.append(_call_block(name, _arguments_value(args)))
         text, other = _text_and_other_parts(msg.get("content"), f"messages[{i}].content")
         text = "\n\n".join(t for t in (text.strip(), "\n".join(blocks)) if t)
@@ -4597,7 +4594,7 @@ class Conversations:
 
     def find(self, chat: ChatRequest):
         """(entry, index of the first new message) when the request continues a conversation."""
-        if not self.by_key:
+        if not self.by_key or not any(m.get("role") == "assistant" for m in chat.messages[1:-1]):
             return None
         self.expire()
         digests = chain_digests(self.head(chat), chat.fingerprints)

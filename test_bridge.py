@@ -1270,19 +1270,23 @@ class SlowClients(BridgeCase):
 
 @unittest.skipIf(non_loopback_ip() is None, "this machine has no non-loopback address")
 class ExposedOnLan(unittest.TestCase):
-    def test_internal_endpoints_refuse_lan_clients(self):
-        """Bound to all interfaces: a LAN client may use /health (IP Host), never /internal, and
-        may not connect as a tab."""
+    def exposed(self):
+        """(harness, a second bridge of its files bound to all interfaces, this machine's LAN address)."""
         h = Harness({"api_key": "k"})
         self.addCleanup(h.close)
-        ip = non_loopback_ip()
 
-        async def exposed():
+        async def start():
             b = bridge.Bridge(h.bridge.files, "0.0.0.0", 0)
             await b.start()
             return b
-        b = h.run(exposed())
+        b = h.run(start())
         self.addCleanup(lambda: h.run(b.stop(grace=0)))
+        return h, b, non_loopback_ip()
+
+    def test_internal_endpoints_refuse_lan_clients(self):
+        """Bound to all interfaces: a LAN client may use /health (IP Host), never /internal, and
+        may not connect as a tab."""
+        h, b, ip = self.exposed()
 
         def request(path, method="GET"):
             with socket.create_connection((ip, b.port), timeout=5) as s:
@@ -1306,16 +1310,7 @@ class ExposedOnLan(unittest.TestCase):
         """Exposed with an api_key: /health from a LAN address shows no tab_details (tab URLs hold
         conversation ids) without the right key; with it, or from loopback, it does. Exposed without
         a key, LAN clients never see them."""
-        h = Harness({"api_key": "k"})
-        self.addCleanup(h.close)
-        ip = non_loopback_ip()
-
-        async def exposed():
-            b = bridge.Bridge(h.bridge.files, "0.0.0.0", 0)
-            await b.start()
-            return b
-        b = h.run(exposed())
-        self.addCleanup(lambda: h.run(b.stop(grace=0)))
+        h, b, ip = self.exposed()
         secret_url = "https://lmarena.ai/c/0198c5a1-9999-7aaa-8bbb-123456789abc"
 
         async def tab():
