@@ -48,6 +48,7 @@ import urllib.parse
 
 import openai
 import websockets
+from websockets.frames import Frame, Opcode
 
 import bridge
 
@@ -76,7 +77,9 @@ class FakeTab:
     """A stand-in userscript tab: a `websockets` client that answers each task by playing `script`:
     str or dict items are sent as `data`, ("sleep", s) waits, ("close",) drops the socket,
     ("hang",) never answers, ("raw", rid -> text) sends text as it is (JSON with Infinity...),
-    ("fragments", data, n) sends the data message split over n WebSocket frames.
+    ("fragments", data, n) sends the data message split over n WebSocket frames, ("burst", [data,
+    ...], leave) sends data messages in one socket write (one read for the bridge), then closes the
+    socket at once if `leave`.
     Tasks and commands received are recorded."""
 
     def __init__(self, harness, script=None, origin="https://lmarena.ai", hello=True):
@@ -133,6 +136,13 @@ class FakeTab:
                 elif item[0] == "raw":
                     with contextlib.suppress(websockets.ConnectionClosed):
                         await self.ws.send(item[1](rid))
+                elif item[0] == "burst":     # frames made by websockets, written together
+                    frames = [Frame(Opcode.TEXT, json.dumps({"request_id": rid, "data": d}).encode())
+                              .serialize(mask=True) for d in item[1]]
+                    self.ws.transport.write(b"".join(frames))
+                    if item[2]:
+                        self.ws.transport.close()
+                        return
                 elif item[0] == "fragments":
                     text = json.dumps({"request_id": rid, "data": item[1]})
                     step = -(-len(text) // item[2])
@@ -738,6 +748,24 @@ class UpstreamErrors(unittest.TestCase):
         self.assertEqual(bridge.tab_error({"error": "nope", "status": "429", "retry_after": 7.0}).retry_after, 7)
 
 class ChunkShapes(unittest.TestCase):
+    def test_a_burst_is_one_delta_per_kind_in_order(self):
+        """Streamed pieces of one render become one delta per run of a kind; LMArena's JSON literals
+        are joined as they are (escapes kept, a surrogate pair split over two literals rejoined)."""
+        for reply in (bridge.OpenAIReply("m", True, False, 1), bridge.AnthropicReply("m", True, 1)):
+            out = reply.render([("text", '"a\\n"', "a\n"), ("text", '"\\ud83d"', "\ud83d"),
+                                ("text", '"\\ude00"', "\ude00"), ("text", None, 'q"'), ("reasoning", "r1"),
+                                ("reasoning", "r2"), ("text", '"z"', "z")])
+            got = []
+            for e in sse_events(bridge.wire_bytes(out)):
+                obj = json.loads(e)
+                if "choices" in obj:
+                    d = obj["choices"][0]["delta"]
+                    got.append(("text", d["content"]) if "content" in d else ("reasoning", d["reasoning_content"]))
+                elif obj["type"] == "content_block_delta":
+                    d = obj["delta"]
+                    got.append(("text", d["text"]) if d["type"] == "text_delta" else ("reasoning", d["thinking"]))
+            self.assertEqual(got, [("text", "a\n\U0001F600q\""), ("reasoning", "r1r2"), ("text", "z")], type(reply))
+
     def test_formatter_emits_valid_json(self):
         """Every chunk the formatter builds is valid JSON of OpenAI's shape."""
         f = bridge.ChunkFormatter("chatcmpl-1", 'mo"del', 5)
@@ -1578,6 +1606,47 @@ class ChatEndToEnd(BridgeCase):
             self.assertTrue(c.id.startswith("chatcmpl-"))
             self.assertEqual(len(c.choices), 1)
         self.assertEqual(len({c.id for c in chunks}), 1)
+
+    def test_burst_first_text_goes_out_before_the_rest_which_is_one_delta(self):
+        """Many tab messages in one read: the first text leaves in the response's first write (it is
+        never held back while the rest is parsed); the rest of the burst is one delta."""
+        rest = [f"w{i} " for i in range(8)]
+        self.h.tab([("burst", lines("first ", *rest) + ["[DONE]"], False)])
+        with socket.create_connection(("127.0.0.1", self.h.port), timeout=10) as sock:
+            sock.sendall(post_req(json.dumps(chat(stream=True)).encode(), extra=b"Connection: close\r\n"))
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        status, _, body = split_response(raw)
+        self.assertEqual(status, 200)
+        size_line, _, rest_of_body = body.partition(b"\r\n")
+        first_write = rest_of_body[:int(size_line, 16)]     # the head's write carries one chunk
+        contents = [json.loads(e)["choices"][0]["delta"].get("content") for e in sse_events(first_write)
+                    if e != "[DONE]"]
+        self.assertEqual(contents, ["", "first "])
+        contents = [json.loads(e)["choices"][0]["delta"].get("content") for e in sse_events(dechunk(body))
+                    if e != "[DONE]"]
+        self.assertEqual(contents, ["", "first ", "".join(rest), None])
+
+    def test_an_error_after_a_burst_comes_after_all_of_its_text(self):
+        """Texts queued from a read are parsed before a later message of the same read (an error)."""
+        texts = [f"t{i} " for i in range(8)]
+        self.h.tab([("burst", lines(*texts, finish=None) + [{"error": "boom", "status": 500}], False)])
+        stream = self.h.client().chat.completions.create(model="test-model", stream=True,
+                                                         messages=[{"role": "user", "content": "hi"}])
+        got = []
+        with self.assertRaises(openai.APIError):
+            for c in stream:
+                got.append(c.choices[0].delta.content or "")
+        self.assertEqual("".join(got), "".join(texts))
+
+    def test_a_tab_that_leaves_right_after_its_burst_still_answers(self):
+        """Messages read before the tab's socket closed are all handled: the answer is complete."""
+        self.h.tab([("burst", lines("one ", *["two "] * 9) + ["[DONE]"], True)])
+        chunks = list(self.h.client().chat.completions.create(model="test-model", stream=True,
+                                                               messages=[{"role": "user", "content": "hi"}]))
+        self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks), "one " + "two " * 9)
+        self.assertEqual(chunks[-1].choices[0].finish_reason, "stop")
 
     def test_non_stream_is_default(self):
         """Without `stream` the answer is one chat.completion with usage estimates."""
