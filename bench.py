@@ -3,6 +3,7 @@
     python bench.py                                  # the bridge alone, every scenario below
     python bench.py --compare "~/bench-venv/bin/python ../shared/bench/fastapi_relay.py --port {port}"
     python bench.py --equal-load --compare "..."     # both servers at the same offered loads
+    python bench.py --preminting                     # reCAPTCHA tokens minted ahead, in Chromium
 
 Each server runs with a temporary config and its own fake tab (a separate process, one WebSocket
 message per LMArena line: the worst case); the HTTP load comes from this process. Every answer is
@@ -41,31 +42,45 @@ at most a third of the reference's (at the highest level the reference sustains)
 --tab-delay S makes the fake tab wait S seconds between its messages (default 0: bursts).
 --busy-client makes the client poll instead of sleeping: it costs a core, and takes the client's
 own wake-up latency (large on an idle VM) out of the first-token figures.
+The equal-load report ends with the --preminting figure.
+
+--preminting: what a reCAPTCHA token minted ahead (keep_token_ready, config token_ready_seconds)
+saves a request, in a real browser: the real userscript in headless Chromium on the browser tests'
+stand-in of LMArena (test_userscript.py), whose reCAPTCHA execute() takes 1.5 s, and the real bridge
+with token_ready_seconds 0 (the tab mints a token per request), then 600 (one is kept ready).
+--preminting-requests sequential streaming requests each (default 5, 2 s apart: time to mint the
+next one ahead). Printed: POST -> the stand-in receiving the LMArena request (median, max) and POST ->
+first token (median). Needs Chromium and Playwright (requirements-dev.txt); skipped, with one line
+saying why, where they are missing (--preminting alone then exits 1).
+
 --bridge CMD runs another bridge command ({port}, {config}: a temporary config), e.g. a patched
 copy; --compare may use {config} too (two bridges side by side).
 
 The client is cheap on purpose (raw asyncio protocols, chunked SSE parsed by hand, answers checked
 after the timed part); the fake tab frames its WebSocket messages itself (masked with a zero key,
 which servers cannot tell from any other), so both cost the servers' shared CPUs as little as can be.
-Needs only what the bridge needs (websockets); the reference relay needs its own venv
-(see ../shared/bench/README.md).
+Needs only what the bridge needs (websockets), --preminting the test dependencies; the reference
+relay needs its own venv (see ../shared/bench/README.md).
 """
 import argparse
 import asyncio
 import base64
 import collections
 import contextlib
+import http.client
 import json
 import math
 import os
 import re
 import select
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -511,9 +526,9 @@ def free_port() -> int:
 
 
 class Server:
-    """A server process (command with {port}) and its fake tab process."""
+    """A server process (command with {port}) and its fake tab process (none with fake_tab=False)."""
 
-    def __init__(self, command: str, tab_delay: float = 0.0):
+    def __init__(self, command: str, tab_delay: float = 0.0, fake_tab: bool = True):
         self.port = free_port()
         argv = [os.path.expanduser(a) for a in shlex.split(command.format(port=self.port))]
         t0 = time.perf_counter()
@@ -527,6 +542,9 @@ class Server:
             except OSError:
                 time.sleep(0.002)
         self.start_ms = (time.perf_counter() - t0) * 1000
+        self.tab = None
+        if not fake_tab:                      # a real tab connects (--preminting)
+            return
         self.tab = subprocess.Popen([sys.executable, __file__, "--tab", f"ws://127.0.0.1:{self.port}/ws",
                                      "--tab-delay", str(tab_delay)], stdout=subprocess.PIPE)
         ready, _, _ = select.select([self.tab.stdout], [], [], 30)
@@ -536,7 +554,7 @@ class Server:
         time.sleep(0.2)                       # the server registers the tab after the handshake
 
     def close(self):
-        for p in (self.tab, self.proc):
+        for p in filter(None, (self.tab, self.proc)):
             p.terminate()
             try:
                 p.wait(5)
@@ -764,6 +782,137 @@ def report_equal_load(names: list, levels: list, runs: dict, args, probe) -> Non
               f"-> {'met' if ratio <= 1 / 3 else 'NOT met'}")
 
 
+# -- token pre-minting, in a real browser (--preminting) ---------------------------------------------------
+
+MINT_DELAY_MS = 1500      # the stand-in's reCAPTCHA execute() time (real ones: 0.1 s to seconds)
+
+
+def preminting(requests: int) -> bool:
+    """The --preminting figure: what keep_token_ready saves a request. The real userscript runs in
+    headless Chromium against the browser tests' stand-in of LMArena (test_userscript.py), whose
+    grecaptcha.enterprise.execute() takes MINT_DELAY_MS; a real bridge (subprocess) serves the
+    client. Measured twice, same browser and stand-in, one bridge each: token_ready_seconds 0 (the
+    tab mints a token when a task arrives) and 600 (it keeps one minted ahead). False, after one
+    line saying why, when Chromium or Playwright (or what the browser tests import) is missing."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        print("token pre-minting: skipped (no chromium on PATH; apt-get install chromium)", flush=True)
+        return False
+    try:
+        from playwright.sync_api import sync_playwright
+        import test_userscript as stand_in
+    except ImportError as exc:
+        print(f"token pre-minting: skipped ({exc}; pip install -r requirements-dev.txt)", flush=True)
+        return False
+    folder = tempfile.mkdtemp(prefix="bench-preminting-")
+    arena = stand_in.StandIn(*stand_in.make_certificate(folder))
+    threading.Thread(target=arena.serve_forever, daemon=True).start()
+    pw = sync_playwright().start()
+    try:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True,
+                                     args=stand_in.chromium_args(arena.port))
+        try:
+            runs = {mode: premint_run(browser, arena, stand_in, folder, seconds, requests)
+                    for mode, seconds in (("without", 0), ("with", 600))}
+        finally:
+            browser.close()
+    finally:
+        pw.stop()
+        arena.shutdown()
+        arena.server_close()
+        shutil.rmtree(folder, ignore_errors=True)
+    (wa, wf), (ra, rf) = runs["without"], runs["with"]
+    med = statistics.median
+    print(f"token pre-minting (headless Chromium, stand-in reCAPTCHA execute() {MINT_DELAY_MS / 1000:g} s, "
+          f"{requests} requests each): POST -> LMArena request: without {med(wa):.3f} s (max {max(wa):.3f}), "
+          f"with {med(ra):.3f} s (max {max(ra):.3f}); first token: without {med(wf):.3f} s, with {med(rf):.3f} s",
+          flush=True)
+    return True
+
+
+def premint_run(browser, arena, stand_in, folder: str, seconds: float, n: int) -> tuple:
+    """One bridge with token_ready_seconds `seconds` and a tab of it in a fresh context: a warm-up
+    request, then n measured ones -> (POST -> the stand-in receiving create-evaluation, POST ->
+    first token), seconds each. The token minted ahead when the tab connected came at the page's
+    initial 0 ms delay: the warm-up spends it, and each measured request waits until the last mint
+    started > MINT_DELAY_MS ago (so one made ahead is ready) and 2 s after the previous one. Every
+    measured request's token is checked to come from a mint started at the slow delay."""
+    server = Server(bridge_command(tempfile.mkdtemp(dir=folder), token_ready_seconds=seconds), fake_tab=False)
+    context = browser.new_context(ignore_https_errors=True)
+    try:
+        context.grant_permissions([stand_in.LNA_PERMISSION], origin=stand_in.ORIGIN)
+        context.add_init_script(f"localStorage.setItem('lmarena-bridge-url', 'ws://127.0.0.1:{server.port}/ws');")
+        with open(os.path.join(HERE, "userscript.js"), encoding="utf-8") as f:
+            context.add_init_script(f.read())
+        page = context.new_page()
+        page.goto(stand_in.ORIGIN + "/")
+        end = time.time() + 30        # the tab connected and its page's models are in models.json
+        while "stand-in-text" not in model_names(server.port):
+            if time.time() > end:
+                raise SystemExit("token pre-minting: the tab did not connect to the bridge")
+            time.sleep(0.05)
+        slow_since = page.evaluate(f"window.__mintDelayMs = {MINT_DELAY_MS}; Date.now()")
+        last = stream_chat(server.port)[0]                                  # warm-up
+        arrive, first, records = [], [], []
+        for _ in range(n):
+            while page.evaluate("Date.now() - (window.__mints.at(-1) || {at: 0}).at") <= MINT_DELAY_MS + 100:
+                time.sleep(0.05)
+            time.sleep(max(0.0, last + 2 - time.time()))
+            seen = len(arena.requests)
+            last, t_first = stream_chat(server.port)
+            new = [r for r in arena.requests[seen:] if r["client"] == "tab"]
+            if len(new) != 1 or new[0]["status"] != 200:
+                raise SystemExit(f"token pre-minting: expected one accepted LMArena request, got "
+                                 f"{[r['status'] for r in new]}")
+            records.append(new[0])
+            arrive.append(new[0]["at"] - last)
+            first.append(t_first - last)
+        started = {m["n"]: m["at"] for m in page.evaluate("window.__mints")}
+        for r in records:       # token "v3.<key>.<action>.<n>.<page load>": mint n
+            if started[int(r["body"]["recaptchaV3Token"].split(".")[3])] < slow_since:
+                raise SystemExit("token pre-minting: a measured request used a token minted at 0 ms")
+        return arrive, first
+    finally:
+        context.close()
+        server.close()
+
+
+def model_names(port: int) -> list:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
+            return [m["id"] for m in json.load(r)["data"]]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def stream_chat(port: int) -> tuple:
+    """One streaming chat completion ("hi" to stand-in-text) -> (time.time() right before the POST,
+    at its first content delta). The answer must be the stand-in's, in full."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        body = json.dumps({"model": "stand-in-text", "stream": True,
+                           "messages": [{"role": "user", "content": "hi"}]})
+        t_post = time.time()
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        if r.status != 200:
+            raise SystemExit(f"token pre-minting: HTTP {r.status}: {r.read()[:300]!r}")
+        t_first, text = None, ""
+        for line in r:
+            if not line.startswith(b"data: {"):
+                continue
+            for choice in json.loads(line[6:]).get("choices") or []:
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    t_first = t_first or time.time()
+                    text += piece
+        if text != "Hello wörld 😀!":     # test_userscript.ANSWER
+            raise SystemExit(f"token pre-minting: wrong answer {text!r}")
+        return t_post, t_first
+    finally:
+        conn.close()
+
+
 def machine() -> str:
     model = ""
     with open("/proc/cpuinfo") as f:
@@ -774,16 +923,17 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs, {model}Python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}"
 
 
-def bridge_config(folder: str) -> str:
+def bridge_config(folder: str, **extra) -> str:
     cfg = os.path.join(folder, "config.jsonc")
     with open(cfg, "w") as f:                 # session_mode "create" (the default): no ids needed
-        json.dump({"log_level": "warning", "enable_auto_update": False}, f)
+        json.dump({"log_level": "warning", "enable_auto_update": False, **extra}, f)
     return cfg
 
 
-def bridge_command(folder: str, command: str | None = None) -> str:
-    """This folder's bridge.py with a temporary config, or `command` ({port}, {config})."""
-    cfg = bridge_config(folder)
+def bridge_command(folder: str, command: str | None = None, **extra) -> str:
+    """This folder's bridge.py with a temporary config (`extra`: more config keys), or `command`
+    ({port}, {config})."""
+    cfg = bridge_config(folder, **extra)
     if command:
         return command.replace("{config}", shlex.quote(cfg))
     return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'bridge.py'))} --port {{port}} --config {shlex.quote(cfg)}"
@@ -803,17 +953,23 @@ def main() -> None:
     p.add_argument("--max-in-flight", type=int, default=400, help="requests open at once; more are dropped")
     p.add_argument("--tab-delay", type=float, default=0.0, help="seconds between the fake tab's messages (equal load)")
     p.add_argument("--busy-client", action="store_true", help="the client polls, never sleeps (equal load)")
+    p.add_argument("--preminting", action="store_true", help="the reCAPTCHA token pre-minting figure (Chromium)")
+    p.add_argument("--preminting-requests", type=int, default=5, help="measured requests per mode (--preminting)")
     p.add_argument("--tab", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.tab:
         asyncio.run(fake_tab(args.tab, args.tab_delay))
         return
+    if args.preminting and not args.equal_load:
+        raise SystemExit(0 if preminting(args.preminting_requests) else 1)
     with tempfile.TemporaryDirectory() as folder:
         servers = [("bridge", bridge_command(folder, args.bridge))]
         if args.compare:
             servers.append(("reference", args.compare.replace("{config}", shlex.quote(bridge_config(folder)))))
         if args.equal_load:
             equal_load(servers, args)
+            print()
+            preminting(args.preminting_requests)
         else:
             default_run(servers, args)
 

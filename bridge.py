@@ -601,6 +601,8 @@ def no_tab_error() -> ApiError:
 _TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _TARGET_RE = re.compile(rb"^[\x21-\x7e]+$")
 _VALUE_BAD_RE = re.compile(rb"[\x00\r\n]")
+_FIELDS_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*)*")
+_FRAMING_FIELDS = frozenset({"transfer-encoding", "content-length", "host", "connection", "expect"})
 _DIGITS_RE = re.compile(rb"^[0-9]+$")
 _HEX_RE = re.compile(rb"^[0-9A-Fa-f]+$")
 
@@ -656,25 +658,34 @@ def parse_request_head(head: bytes) -> HttpRequest:
         if re.match(rb"^HTTP/[0-9]\.[0-9]$", version_b):
             raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         raise HttpError(400, "malformed HTTP version")
+    # The usual head passes two scans of the whole (no CR, LF or NUL but in line breaks; every line a
+    # token, a colon and a value); any other is checked line by line, for the exact error.
+    checked = (len(lines) == 1 or b"\0" not in head and head.count(b"\r") == head.count(b"\n") == len(lines) - 1
+               and _FIELDS_RE.fullmatch(head, len(lines[0]) + 2) is not None)
     headers = []
+    framing: dict[str, list] = {}       # the fields checked below, in one pass
     for line in lines[1:]:
-        if not line:
-            raise HttpError(400, "empty header line")
-        if line[0] in b" \t":
-            raise HttpError(400, "obsolete line folding is not allowed")
         name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN_RE.match(name):
-            raise HttpError(400, "malformed header field name (whitespace before ':'?)")
-        if _VALUE_BAD_RE.search(value):
-            raise HttpError(400, "CR, LF or NUL in a header value")
-        headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
+        if not checked:
+            if not line:
+                raise HttpError(400, "empty header line")
+            if line[0] in b" \t":
+                raise HttpError(400, "obsolete line folding is not allowed")
+            if not sep or not _TOKEN_RE.match(name):
+                raise HttpError(400, "malformed header field name (whitespace before ':'?)")
+            if _VALUE_BAD_RE.search(value):
+                raise HttpError(400, "CR, LF or NUL in a header value")
+        field = (name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1"))
+        headers.append(field)
+        if field[0] in _FRAMING_FIELDS:
+            framing.setdefault(field[0], []).append(field[1])
     version = version_b.decode()
     method = method_b.decode()
     target = target_b.decode("ascii")
     content_length = None
     chunked = False
-    te_values = [v for k, v in headers if k == "transfer-encoding"]
-    cl_values = [v for k, v in headers if k == "content-length"]
+    te_values = framing.get("transfer-encoding")
+    cl_values = framing.get("content-length")
     if te_values:
         if cl_values:
             raise HttpError(400, "Content-Length together with Transfer-Encoding")
@@ -694,12 +705,12 @@ def parse_request_head(head: bytes) -> HttpRequest:
         if not _DIGITS_RE.match(raw) or len(raw) > 18:
             raise HttpError(400, "Content-Length must be plain digits")
         content_length = int(raw)
-    hosts = [v for k, v in headers if k == "host"]
+    hosts = framing.get("host", ())
     if len(hosts) > 1 or (version == "HTTP/1.1" and not hosts):
         raise HttpError(400, "exactly one Host header is required")
-    conn_tokens = {t.strip(" \t").lower() for k, v in headers if k == "connection" for t in v.split(",")}
+    conn_tokens = {t.strip(" \t").lower() for v in framing.get("connection", ()) for t in v.split(",")}
     keep_alive = ("keep-alive" in conn_tokens) if version == "HTTP/1.0" else ("close" not in conn_tokens)
-    expect = next((v for k, v in headers if k == "expect"), None)
+    expect = framing.get("expect", (None,))[0]
     if expect is not None and expect.lower() != "100-continue":
         raise HttpError(417, "only Expect: 100-continue is supported")
     path, _, query = target.partition("?")
@@ -1882,8 +1893,10 @@ def usage_object(prompt_chars: int, completion_chars: int, upstream) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def json_text(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+# Compact JSON, UTF-8 as it is. Encoders made once: json.dumps with options builds one per call.
+json_text = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_canonical_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
+_sorted_json = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode     # message fingerprints
 
 
 def sse_event(obj) -> str:
@@ -1899,8 +1912,7 @@ class ChunkFormatter:
     def __init__(self, cid: str, model: str, created: int):
         self.cid, self.model, self.created = cid, model, created
         self.head = ('data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,'
-                     '"choices":[{"index":0,"delta":{' % (json.dumps(cid), created,
-                                                          json.dumps(model, ensure_ascii=False)))
+                     '"choices":[{"index":0,"delta":{' % (json_text(cid), created, json_text(model)))
 
     def content(self, literal: str) -> str:
         return self.head + '"content":' + literal + '},"finish_reason":null}]}\n\n'
@@ -1915,7 +1927,7 @@ class ChunkFormatter:
         return self.head + '"role":"assistant","content":""},"finish_reason":null}]}\n\n'
 
     def finish(self, reason: str) -> str:
-        return self.head + '},"finish_reason":%s}]}\n\n' % json.dumps(reason)
+        return self.head + '},"finish_reason":%s}]}\n\n' % json_text(reason)
 
     def usage(self, usage: dict) -> str:
         return sse_event({"id": self.cid, "object": "chat.completion.chunk", "created": self.created,
@@ -1973,10 +1985,6 @@ def _describe(value) -> str:
     if isinstance(value, list):
         return "an array"
     return "an object" if isinstance(value, dict) else type(value).__name__
-
-
-def _dumps(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 def _reject_constant(name: str):
@@ -2125,7 +2133,7 @@ def tool_prompt(spec: ToolSpec) -> str:
         lines.append(f"## {name}")
         if desc.strip():
             lines.append(desc.strip())
-        lines.append("Arguments schema: " + _dumps(params))
+        lines.append("Arguments schema: " + json_text(params))
         lines.append("")
     lines += [
         "# How to call a tool", "",
@@ -2341,7 +2349,7 @@ def parse_call_block(inner: str, names: frozenset) -> tuple[str, str] | None:
         args = {}
     if not isinstance(args, dict):
         return None
-    return name, _dumps(args)
+    return name, json_text(args)
 
 
 class ToolCallReader:
@@ -2842,7 +2850,7 @@ class AnthropicEvents:
 
     @staticmethod
     def event(obj: dict) -> str:
-        return f"event: {obj['type']}\ndata: {_dumps(obj)}\n\n"
+        return f"event: {obj['type']}\ndata: {json_text(obj)}\n\n"
 
     def start(self) -> str:
         return self.event({"type": "message_start", "message": {
@@ -3021,6 +3029,16 @@ class Job:
     def take(self) -> list:
         events, self.events = self.events, []
         return events
+
+    async def woken(self, seconds: float) -> None:
+        """Wait for news of this job (wake), or `seconds`. A timer that sets wake costs a third of
+        asyncio.timeout's machinery, and this runs for every request; callers check the time."""
+        self.wake.clear()
+        timer = asyncio.get_running_loop().call_later(seconds, self.wake.set)
+        try:
+            await self.wake.wait()
+        finally:
+            timer.cancel()
 
     def next_attempt(self, flags: dict) -> None:
         """Rebuild the task with fresh ids for another attempt (the old one is over)."""
@@ -3206,7 +3224,7 @@ class OpenAIReply(Reply):
         super().__init__(model, stream, prompt_chars, tools, stop)
         self.include_usage = include_usage
         self.legacy = bool(tools and tools.legacy)
-        self.cid = f"chatcmpl-{uuid.uuid4().hex}"
+        self.cid = "chatcmpl-" + os.urandom(16).hex()
         self.created = int(time.time())
         self.fmt = ChunkFormatter(self.cid, model, self.created)
 
@@ -3309,7 +3327,7 @@ def answer_fingerprint(content_digest: str, calls: list) -> str:
 def canonical_arguments(arguments) -> str:
     try:
         value = _loads(arguments) if isinstance(arguments, str) else arguments
-        return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        return _canonical_json(value)
     except (ValueError, TypeError, RecursionError):
         return str(arguments)
 
@@ -3350,7 +3368,7 @@ def message_fingerprint(msg) -> str:
                 calls.append({"name": fn.get("name"), "arguments": fn.get("arguments")})
         return "assistant|" + answer_fingerprint(digest, calls)
     rest = {k: v for k, v in msg.items() if k in ("content", "name", "tool_call_id")}
-    return f"{role}|" + hashlib.sha256(wire_bytes(json.dumps(rest, sort_keys=True, ensure_ascii=False))).hexdigest()
+    return f"{role}|" + hashlib.sha256(wire_bytes(_sorted_json(rest))).hexdigest()
 
 
 def chain_digests(head: str, fingerprints: list) -> list[str]:
@@ -3727,6 +3745,11 @@ _TCP_ESTABLISHED, _TCP_CLOSE = 1, 7
 PEER_POLL_SECONDS = 0.15          # how often a socket we cannot read is checked for its client leaving
 
 
+def _time_out(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class Connection(asyncio.Protocol):
     """One client connection: reads requests under deadlines, answers them in order (pipelining),
     keeps alive, upgrades /ws to a tab link. Never sends an error once a response has started.
@@ -3888,12 +3911,16 @@ class Connection(asyncio.Protocol):
             self.read_paused = False
             self.transport.resume_reading()
         size = len(self.buf)
-        self.waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.waiter = waiter = loop.create_future()
+        # A plain timer, not asyncio.timeout: this runs for every request (see Job.woken).
+        timer = None if deadline is None else loop.call_at(deadline, _time_out, waiter)
         try:
-            async with asyncio.timeout(timeout):
-                await self.waiter
+            await waiter
         finally:
             self.waiter = None
+            if timer is not None:
+                timer.cancel()
         return len(self.buf) > size
 
     async def run(self) -> None:
@@ -4516,10 +4543,7 @@ class Routes:
             if now - writer.last_write >= interval:
                 writer.keepalive()
                 continue
-            job.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(writer.last_write + interval - now, left)):
-                    await job.wake.wait()
+            await job.woken(min(writer.last_write + interval - now, left))
         job.sink = None
         if job.client_gone or conn.lost:
             self.stats.log(req, 499, started, job)
@@ -4979,10 +5003,7 @@ class Bridge:
                 return
             if until_first is not None:
                 left = min(left, until_first - now)
-            job.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await job.wake.wait()
+            await job.woken(left)
 
     def retry_job(self, job: Job, err: ApiError) -> bool:
         """An attempt failed before any output: try again when that can help (a follow-up as a new

@@ -215,7 +215,7 @@ class StandIn(ThreadingHTTPServer):
         self.key_number = 1
         self.build = 1
         # What the stand-in saw
-        self.requests = []          # stream requests: {"path", "headers", "raw", "body", "status", "client"}
+        self.requests = []          # stream requests: {"path", "headers", "raw", "body", "status", "client", "at"}
         self.problems = []
         self.actions = []           # server action calls: (name or None, id, args, status)
         self.uploads = {}           # key -> (name, mime, bytes or None until the PUT)
@@ -461,7 +461,8 @@ class ArenaHandler(BaseHTTPRequestHandler):
         except ValueError:
             body = None
         rec = {"path": self.path, "headers": dict(self.headers), "raw": raw, "body": body, "status": None,
-               "client": "page" if self.headers.get("X-Stand-In-Client") == "page" else "tab"}
+               "client": "page" if self.headers.get("X-Stand-In-Client") == "page" else "tab",
+               "at": time.time()}   # when it arrived (bench.py --preminting measures up to here)
         srv.requests.append(rec)
         verdict = srv.judge(rec, conv_id, self.headers)
         if verdict[0] != "stream":
@@ -599,6 +600,16 @@ def make_certificate(folder: str) -> tuple:
     return cert, key
 
 
+def chromium_args(port: int) -> list:
+    """Chromium sees the stand-in on `port` as https://arena.ai (and its upload storage), a public
+    site to Local Network Access; every other host name fails to resolve."""
+    return ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--host-resolver-rules=MAP arena.ai:443 127.0.0.1:{port},"
+            f"MAP blob.example.com:443 127.0.0.1:{port},MAP * ~NOTFOUND,EXCLUDE 127.0.0.1",
+            f"--ip-address-space-overrides=127.0.0.1:{port}=public"]
+
+
 class World:
     """One stand-in, one Chromium, a bridge with the shipped configuration and a tab connected to it
     with local network access granted, and (for LocalNetworkAccess) a second bridge whose tab is in a
@@ -622,15 +633,9 @@ class World:
         self.client = None
         with open(os.path.join(HERE, "userscript.js"), encoding="utf-8") as f:
             self.script = f.read()
-        port = self.arena.port
         self.pw = sync_playwright().start()
-        self.browser = self.pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  f"--host-resolver-rules=MAP arena.ai:443 127.0.0.1:{port},"
-                  f"MAP blob.example.com:443 127.0.0.1:{port},MAP * ~NOTFOUND,EXCLUDE 127.0.0.1",
-                  f"--ip-address-space-overrides=127.0.0.1:{port}=public"])
+        self.browser = self.pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                               args=chromium_args(self.arena.port))
         self.context = self.new_context(self.h, grant=True)
         self.blocked_context = self.new_context(self.h_blocked, grant=False)
         self.blocked_page = self.blocked_context.new_page()
