@@ -3599,7 +3599,7 @@ class Tab(asyncio.Protocol):
                 if frame.fin:
                     data, self.fragments = b"".join(self.fragments), None
                     self.on_message(data)
-            if bridge.first_output and n - i > BURST_FRAMES:
+            if bridge.first_output and n - 1 - i > BURST_FRAMES:
                 self.backlog = frames[i + 1:]
                 asyncio.get_running_loop().call_soon(self.resume)
                 break
