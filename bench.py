@@ -411,6 +411,7 @@ async def open_loop(server: "Server", rps: float, seconds: float, tokens: int, m
     poller = loop.create_task(poll()) if busy else None
     n = max(1, round(rps * seconds))
     cpu0 = (cpu_seconds(server.proc.pid), cpu_seconds(server.tab.pid), time.process_time())
+    sleeps0 = sleeps(server.proc.pid)
     t0 = time.perf_counter() + 0.01
     for i in range(n):
         at = t0 + i / rps
@@ -438,6 +439,7 @@ async def open_loop(server: "Server", rps: float, seconds: float, tokens: int, m
             await asyncio.wait_for(settled.wait(), max(10.0, seconds * 2))
     wall = time.perf_counter() - t0
     cpu1 = (cpu_seconds(server.proc.pid), cpu_seconds(server.tab.pid), time.process_time())
+    server_sleeps = sleeps(server.proc.pid) - sleeps0
     settled.set()
     if poller is not None:
         await poller
@@ -466,6 +468,7 @@ async def open_loop(server: "Server", rps: float, seconds: float, tokens: int, m
             "ok": len(ends), "errors": len(errors),
             "first_error": errors[0] if errors else None, "ttfb": ttfb, "total": total, "lag": lag,
             "server_cpu": cpu1[0] - cpu0[0], "tab_cpu": cpu1[1] - cpu0[1], "client_cpu": cpu1[2] - cpu0[2],
+            "server_sleeps": server_sleeps,
             "wall": wall, "tokens": tokens}
 
 
@@ -509,6 +512,19 @@ def cpu_seconds(pid: int) -> float:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sleeps(pid: int) -> int:
+    """Times a process's threads went to sleep waiting (voluntary context switches): a server that
+    sleeps between the steps of a request pays a wake-up for each (CPU time, and latency)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                total += int(next(l for l in f if l.startswith("voluntary_ctxt_switches")).split()[1])
+        except (FileNotFoundError, StopIteration):
+            pass
+    return total
 
 
 def mem_mib(pid: int, key: str) -> float:
@@ -694,7 +710,7 @@ def level_round(started: list, rps: float, args) -> dict:
     merged = {}
     for name, s in started:
         rs = slices[name]
-        m = {k: sum(r[k] for r in rs) for k in ("ok", "errors", "span", "server_cpu", "tab_cpu", "client_cpu", "wall")}
+        m = {k: sum(r[k] for r in rs) for k in ("ok", "errors", "span", "server_cpu", "server_sleeps", "tab_cpu", "client_cpu", "wall")}
         m.update({k: [x for r in rs for x in r[k]] for k in ("ttfb", "total", "lag")})
         m["achieved"] = sum(r["ok"] - 1 for r in rs if r["span"]) / m["span"] if m["span"] else 0.0
         m["first_error"] = next((r["first_error"] for r in rs if r["first_error"]), None)
@@ -724,6 +740,8 @@ def summary(rs: list) -> dict:
             f[f"{key}_p{q}"] = statistics.median(pct(r[key], q / 100) * 1000 for r in rs)
     wall = sum(r["wall"] for r in rs)
     f["cpu_us_token"] = sum(r["server_cpu"] for r in rs) * 1e6 / tokens if tokens else math.nan
+    ok = sum(r["ok"] for r in rs)
+    f["sleeps"] = sum(r["server_sleeps"] for r in rs) / ok if ok else math.nan
     f["tab_cpu"] = sum(r["tab_cpu"] for r in rs) / wall * 100
     f["client_cpu"] = sum(r["client_cpu"] for r in rs) / wall * 100
     return f
@@ -732,7 +750,8 @@ def summary(rs: list) -> dict:
 ROWS = [("achieved", "achieved requests/s", "{:.1f}"), ("errors", "errors", "{:d}"),
         ("ttfb_p50", "first token p50 (ms)", "{:.2f}"), ("ttfb_p99", "first token p99 (ms)", "{:.2f}"),
         ("total_p50", "total p50 (ms)", "{:.2f}"), ("total_p99", "total p99 (ms)", "{:.2f}"),
-        ("cpu_us_token", "server CPU per token (us)", "{:.2f}"), ("tab_cpu", "fake tab CPU (% of a core)", "{:.0f}"),
+        ("cpu_us_token", "server CPU per token (us)", "{:.2f}"), ("sleeps", "server sleeps per request", "{:.1f}"),
+        ("tab_cpu", "fake tab CPU (% of a core)", "{:.0f}"),
         ("client_cpu", "client CPU (% of a core)", "{:.0f}"), ("lag_p99", "client lag p99 (ms)", "{:.2f}")]
 
 
