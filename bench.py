@@ -518,12 +518,13 @@ def sleeps(pid: int) -> int:
     """Times a process's threads went to sleep waiting (voluntary context switches): a server that
     sleeps between the steps of a request pays a wake-up for each (CPU time, and latency)."""
     total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                total += int(next(l for l in f if l.startswith("voluntary_ctxt_switches")).split()[1])
-        except (FileNotFoundError, StopIteration):
-            pass
+    with contextlib.suppress(FileNotFoundError):        # a server that died: its errors tell
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    total += int(next(l for l in f if l.startswith("voluntary_ctxt_switches")).split()[1])
+            except (FileNotFoundError, StopIteration):
+                pass
     return total
 
 
@@ -976,6 +977,8 @@ def main() -> None:
     p.add_argument("--preminting-requests", type=int, default=5, help="measured requests per mode (--preminting)")
     p.add_argument("--tab", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.preminting_requests < 1:
+        p.error("--preminting-requests must be at least 1")
     if args.tab:
         asyncio.run(fake_tab(args.tab, args.tab_delay))
         return

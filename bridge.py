@@ -598,13 +598,13 @@ def no_tab_error() -> ApiError:
 
 # 5. HTTP/1.1 wire format (pure: bytes in, values out) ===============================================
 
-_TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_TARGET_RE = re.compile(rb"^[\x21-\x7e]+$")
+_TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")      # \Z: "$" would pass a final LF
+_TARGET_RE = re.compile(rb"^[\x21-\x7e]+\Z")
 _VALUE_BAD_RE = re.compile(rb"[\x00\r\n]")
 _FIELDS_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*)*")
 _FRAMING_FIELDS = frozenset({"transfer-encoding", "content-length", "host", "connection", "expect"})
-_DIGITS_RE = re.compile(rb"^[0-9]+$")
-_HEX_RE = re.compile(rb"^[0-9A-Fa-f]+$")
+_DIGITS_RE = re.compile(rb"^[0-9]+\Z")
+_HEX_RE = re.compile(rb"^[0-9A-Fa-f]+\Z")
 
 
 class HttpError(Exception):
@@ -3565,7 +3565,7 @@ class Tab(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc) -> None:
-        if self.backlog is not None:     # what the tab sent before it left counts
+        while self.backlog is not None:  # what the tab sent before it left counts (each pass is shorter)
             self.resume()
         if not self.closed.done():
             self.closed.set_result(None)

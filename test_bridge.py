@@ -24,6 +24,7 @@ Run: python -m unittest -v test_bridge
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -511,6 +512,9 @@ class StrictHttp(unittest.TestCase):
         (b"GET / FOO\r\nHost: a", 400),
         (b"G\xc3\xa9T / HTTP/1.1\r\nHost: a", 400),
         (b"GET /\xc3\xa9 HTTP/1.1\r\nHost: a", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX\n: a", 400),          # a name, a method or a target ending in LF
+        (b"GET\n / HTTP/1.1\r\nHost: a", 400),
+        (b"GET /x\n HTTP/1.1\r\nHost: a", 400),
     ]
 
     def test_rejected_heads(self):
@@ -1639,6 +1643,29 @@ class ChatEndToEnd(BridgeCase):
             for c in stream:
                 got.append(c.choices[0].delta.content or "")
         self.assertEqual("".join(got), "".join(texts))
+
+    def test_a_tab_that_leaves_right_after_bursts_of_many_answers_still_answers_all(self):
+        """Several answers start in the tab's last read before it leaves (each start lets the others
+        wait a turn): every message of that read is still handled, every answer is complete."""
+        n, tab = 8, self.h.tab([("hang",)])
+        client = self.h.client()
+
+        def ask(i):
+            chunks = client.chat.completions.create(model="test-model", stream=True,
+                                                    messages=[{"role": "user", "content": f"q{i}"}])
+            return "".join(c.choices[0].delta.content or "" for c in chunks)
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            answers = [pool.submit(ask, i) for i in range(n)]
+            self.h.wait(lambda: len(tab.tasks) == n, what="all tasks at the tab")
+            frames = [Frame(Opcode.TEXT, json.dumps({"request_id": t["request_id"], "data": d}).encode())
+                      .serialize(mask=True)
+                      for t in tab.tasks for d in lines("one ", *["two "] * 6) + ["[DONE]"]]
+
+            async def burst_and_leave():
+                tab.ws.transport.write(b"".join(frames))
+                tab.ws.transport.close()
+            self.h.run(burst_and_leave())
+            self.assertEqual([a.result(30) for a in answers], ["one " + "two " * 6] * n)
 
     def test_a_tab_that_leaves_right_after_its_burst_still_answers(self):
         """Messages read before the tab's socket closed are all handled: the answer is complete."""
