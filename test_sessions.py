@@ -16,7 +16,7 @@ import urllib.request
 import openai
 
 import bridge
-from test_bridge import IMAGE_UUID, MODEL_UUID, BridgeCase, lines, run_cli
+from test_bridge import IMAGE_UUID, MODEL_UUID, BridgeCase, Harness, lines, run_cli
 
 SEARCH_UUID = "0199aaaa-0000-7000-8000-00000000000c"
 MODELS = {"test-model": MODEL_UUID, "image-model": f"{IMAGE_UUID}:image", "search-model": f"{SEARCH_UUID}:search"}
@@ -846,6 +846,33 @@ class Cooldown(BridgeCase):
         self.assertEqual(answers, {"from the other tab"})
 
 
+class TokenReady(BridgeCase):
+    config = {"token_ready_seconds": 8}
+    WINDOW = {"command": "keep_token_ready", "action": "chat_submit", "seconds": 8}
+
+    def test_kept_ready_from_connect_and_renewed_by_requests_at_most_every_quarter_window(self):
+        """A tab is asked for a token minted ahead the moment it connects (the very first request
+        finds one ready); requests renew the window, at most once per quarter of it."""
+        tab = self.h.tab()
+        self.h.wait(lambda: tab.token_windows == [self.WINDOW], what="keep_token_ready at connect")
+        self.h.ask()
+        self.assertEqual(tab.token_windows, [self.WINDOW])      # not again for the first request
+        for _ in range(3):
+            self.h.ask()
+        self.assertEqual(len(tab.token_windows), 1)
+        self.h.bridge.tabs[0].token_window_at -= 2.1            # a quarter window (2 s) later
+        self.h.ask()
+        self.assertEqual(tab.token_windows, [self.WINDOW] * 2)
+
+    def test_none_kept_ready_when_disabled(self):
+        """token_ready_seconds 0: the tab mints a token per request, none ahead."""
+        h = Harness({"token_ready_seconds": 0})
+        self.addCleanup(h.close)
+        tab = h.tab()
+        self.assertEqual(h.ask().choices[0].message.content, "Hello world!")
+        self.assertEqual((tab.token_windows, len(tab.tasks)), ([], 1))
+
+
 class Cleanup(BridgeCase):
     config = {"conversation_cleanup": "delete", "continue_conversations": False}
 
@@ -894,7 +921,11 @@ class Diagnosis(BridgeCase):
         self.assertIn("6Lkey", page)
         self.assertIn(rid[:8], page)
         health = json.loads(self.get("/health")[2])
-        self.assertIn("end", health["stages_ms"])
+        for stage in ("sent", "first_byte", "first_token", "end"):     # p50/p99 over the recent requests
+            got = health["stages_ms"][stage]
+            self.assertEqual(got["n"], 3, stage)
+            self.assertLessEqual(0, got["p50"])
+            self.assertLessEqual(got["p50"], got["p99"])
         self.assertEqual(health["recent_requests"][-1]["id"], rid[:8])
 
     def test_doctor_exit_codes(self):
