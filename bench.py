@@ -872,14 +872,14 @@ def premint_run(browser, arena, stand_in, folder: str, seconds: float, n: int) -
                 raise SystemExit("token pre-minting: the tab did not connect to the bridge")
             time.sleep(0.05)
         slow_since = page.evaluate(f"window.__mintDelayMs = {MINT_DELAY_MS}; Date.now()")
-        last = stream_chat(server.port)[0]                                  # warm-up
+        last = stream_chat(server.port, stand_in.ANSWER)[0]                                  # warm-up
         arrive, first, records = [], [], []
         for _ in range(n):
             while page.evaluate("Date.now() - (window.__mints.at(-1) || {at: 0}).at") <= MINT_DELAY_MS + 100:
                 time.sleep(0.05)
             time.sleep(max(0.0, last + 2 - time.time()))
             seen = len(arena.requests)
-            last, t_first = stream_chat(server.port)
+            last, t_first = stream_chat(server.port, stand_in.ANSWER)
             new = [r for r in arena.requests[seen:] if r["client"] == "tab"]
             if len(new) != 1 or new[0]["status"] != 200:
                 raise SystemExit(f"token pre-minting: expected one accepted LMArena request, got "
@@ -905,9 +905,9 @@ def model_names(port: int) -> list:
         return []
 
 
-def stream_chat(port: int) -> tuple:
+def stream_chat(port: int, answer: str) -> tuple:
     """One streaming chat completion ("hi" to stand-in-text) -> (time.time() right before the POST,
-    at its first content delta). The answer must be the stand-in's, in full."""
+    at its first content delta). The answer must be `answer` (the stand-in's), in full."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         body = json.dumps({"model": "stand-in-text", "stream": True,
@@ -926,7 +926,7 @@ def stream_chat(port: int) -> tuple:
                 if piece:
                     t_first = t_first or time.time()
                     text += piece
-        if text != "Hello wörld 😀!":     # test_userscript.ANSWER
+        if text != answer:
             raise SystemExit(f"token pre-minting: wrong answer {text!r}")
         return t_post, t_first
     finally:

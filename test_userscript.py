@@ -51,7 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import openai
 
 import bridge
-from test_bridge import Harness
+from test_bridge import Harness, wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -688,12 +688,7 @@ class World:
         return [(t, m) for t, (_, m) in zip(self.stamps[start:], self.messages[start:])]
 
     def wait(self, predicate, timeout=10.0, what="condition", console=None):
-        end = time.time() + timeout
-        while time.time() < end:
-            if predicate():
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}; console: {(console or self.console)[-8:]}")
+        wait_until(predicate, timeout, what, 0.02, lambda: f"; console: {(console or self.console)[-8:]}")
 
     def close(self):
         closers = [self.browser.close, self.pw.stop, self.h.close, self.h_blocked.close, self.arena.shutdown,
