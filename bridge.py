@@ -891,11 +891,21 @@ def model_value(ref: ModelRef) -> str:
     return (ref.id or "null") + ("" if ref.modality == "chat" else ":" + ref.modality)
 
 
-def modality_of(model: dict) -> str:
-    """Modality from outputCapabilities: image, video, search, web -> webdev, else chat."""
+# The catalog's arenas (2.8) and the modality each one sends with; "document" repeats "text".
+ARENA_MODALITIES = {"text": "chat", "document": "chat", "code": "webdev", "webdev": "webdev",
+                    "search": "search", "text-to-image": "image", "image": "image",
+                    "text-to-video": "video", "video": "video"}
+
+
+def modality_of(model: dict, arena=None) -> str:
+    """Modality of a model row. From the catalog its arena decides; page data has no arena, so
+    text output means chat (the site's text page lists routers and models that can also draw, search
+    or build web pages), otherwise image, video, search, web -> webdev."""
+    if isinstance(arena, str) and arena.lower() in ARENA_MODALITIES:
+        return ARENA_MODALITIES[arena.lower()]
     caps = model.get("capabilities")
     out = caps.get("outputCapabilities") if isinstance(caps, dict) else None
-    if not isinstance(out, dict):
+    if not isinstance(out, dict) or out.get("text") not in (None, False):
         return "chat"
     for key, modality in (("image", "image"), ("video", "video"), ("search", "search"), ("web", "webdev")):
         if out.get(key) not in (None, False):
@@ -903,21 +913,56 @@ def modality_of(model: dict) -> str:
     return "chat"
 
 
-def page_model_entries(page_models: list) -> dict:
-    """The page's model objects -> {publicName: models.json value}. Rows with userSelectable false are
-    left out; among rows sharing a publicName the newest selectable one wins (UUIDv7 ids sort by time;
-    otherwise the later row of the list)."""
-    best: dict[str, tuple] = {}
-    for order, m in enumerate(page_models):
-        if not isinstance(m, dict) or m.get("userSelectable") is False:
+def catalog_rows(models: list):
+    """(arena, row) for each model row: the tab's flattened list (rows carrying "arena"), page data
+    (no arena: None), or the catalog itself ([{"arena", "models": [...]}]) as the site sends it."""
+    for m in models:
+        if not isinstance(m, dict):
             continue
-        name, mid = m.get("publicName"), m.get("id")
+        arena = m.get("arena")
+        arena = arena if isinstance(arena, str) else None
+        if arena is not None and isinstance(m.get("models"), list):
+            for row in m["models"]:
+                if isinstance(row, dict):
+                    yield arena, row
+        else:
+            yield arena, m
+
+
+def page_model_entries(page_models: list) -> dict:
+    """The site's model rows -> {name: models.json value}, by the naming rule of PROTOCOL 2.8.
+
+    Rows with userSelectable false are left out. Within one arena, among rows sharing a publicName the
+    newest wins (UUIDv7 ids sort by time; otherwise the later row). A name's plain entry is its "text"
+    arena row, or without one its first listed arena's row; its rows in arenas of another modality
+    become "<name>:<modality>"; rows adding nothing (same modality as the plain entry, such as the
+    "document" arena repeating "text") are left out."""
+    best: dict[tuple, tuple] = {}            # (name, arena) -> (rank, id, modality)
+    arena_order: dict = {}
+    for order, (arena, m) in enumerate(catalog_rows(page_models)):
+        if m.get("userSelectable") is False:
+            continue
+        name, mid = m.get("publicName") or m.get("name"), m.get("id")
         if not isinstance(name, str) or not isinstance(mid, str) or not name or not mid:
             continue
+        arena_order.setdefault(arena, len(arena_order))
+        key = (name, arena)
         rank = (mid[14:15] == "7" and mid.lower(), order)    # v7 ids carry their creation time
-        if name not in best or rank > best[name][0]:
-            best[name] = (rank, model_value(ModelRef(mid, modality_of(m))))
-    return {name: value for name, (_, value) in best.items()}
+        if key not in best or rank > best[key][0]:
+            best[key] = (rank, mid, modality_of(m, arena))
+    arenas_of: dict[str, list] = {}
+    for name, arena in best:
+        arenas_of.setdefault(name, []).append(arena)
+    out: dict[str, str] = {}
+    for name, arenas in arenas_of.items():
+        arenas.sort(key=lambda a: (a != "text", arena_order[a]))
+        _, mid, plain = best[(name, arenas[0])]
+        out[name] = model_value(ModelRef(mid, plain))
+        for arena in arenas[1:]:
+            _, mid, modality = best[(name, arena)]
+            if modality != plain:
+                out.setdefault(f"{name}:{modality}", model_value(ModelRef(mid, modality)))
+    return out
 
 
 # -- Request content: OpenAI parts -> text and attachments ---------------------------------------------

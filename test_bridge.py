@@ -2590,6 +2590,31 @@ class ModelSync(BridgeCase):
         self.assertRegex(r.stdout, r"text-one\s+aaaaaaaa-0000-4000-8000-000000000001\s+chat")
 
 
+    def test_catalog_rows_repair_models_sent_as_webdev(self):
+        """A models report from the catalog (rows carrying "arena"): chat models the old rule wrote
+        as :webdev are written back as chat, other arenas get their suffixed names, and a chat sent
+        to the plain name goes out with modality "chat"."""
+        path = os.path.join(self.h.dir, "models.json")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write('{\n  "claude-sonnet-4-5": "aaaaaaaa-0000-4000-8000-00000000000a:webdev"\n}\n')
+        web = {"outputCapabilities": {"text": True, "web": True}}
+        rows = [{"arena": "text", "id": "aaaaaaaa-0000-4000-8000-00000000000a",
+                 "publicName": "claude-sonnet-4-5", "capabilities": web},
+                {"arena": "code", "id": "aaaaaaaa-0000-4000-8000-00000000000b",
+                 "publicName": "claude-sonnet-4-5", "capabilities": web}]
+        tab = self.h.tab()
+        self.h.run(tab.send({"type": "models", "models": rows}))
+        self.h.wait(lambda: "claude-sonnet-4-5:webdev" in self.h.bridge.files.models, what="merge")
+        with open(path, encoding="utf-8") as f:
+            merged = bridge.parse_json_file(path, f.read())
+        self.assertEqual(merged, {"claude-sonnet-4-5": "aaaaaaaa-0000-4000-8000-00000000000a",
+                                  "claude-sonnet-4-5:webdev": "aaaaaaaa-0000-4000-8000-00000000000b:webdev"})
+        for name, (model_id, modality) in {"claude-sonnet-4-5": ("a", "chat"),
+                                           "claude-sonnet-4-5:webdev": ("b", "webdev")}.items():
+            self.h.ask("hi", model=name)
+            body = tab.tasks[-1]["payload"]["request"]["body"]
+            self.assertEqual((body["modelAId"][-1], body["modality"]), (model_id, modality))
+
 class InteractiveCapture(BridgeCase):
     def test_asks_in_a_terminal_defaulting_to_the_last_choice(self):
         """Run in a terminal without options, `capture` asks mode and target; Enter keeps the last."""

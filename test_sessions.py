@@ -85,7 +85,8 @@ class RequestBuilding(unittest.TestCase):
         self.assertLess(content.index("<assistant>\nA cat.\n</assistant>"), content.index("color?"))
 
     def test_page_models_to_entries(self):
-        """Model sync: modality suffix from capabilities, unselectable rows left out, newest row of
+        """Model sync without a catalog (page data): text output means chat whatever else is listed
+        (PROTOCOL 2.8), otherwise image, video, search, web; unselectable rows left out; newest row of
         a shared publicName preferred."""
         page = [
             {"id": "0190aaaa-0000-7000-8000-000000000001", "publicName": "dup", "userSelectable": True},
@@ -93,14 +94,59 @@ class RequestBuilding(unittest.TestCase):
             {"id": "0198aaaa-0000-7000-8000-000000000003", "publicName": "dup", "userSelectable": False},
             {"id": "0199aaaa-0000-7000-8000-000000000099", "publicName": "hidden", "userSelectable": False},
             {"id": "x1", "publicName": "painter", "capabilities": {"outputCapabilities": {"image": {"a": 1}}}},
-            {"id": "x2", "publicName": "finder", "capabilities": {"outputCapabilities": {"text": True, "search": True}}},
+            {"id": "x2", "publicName": "finder", "capabilities": {"outputCapabilities": {"search": True}}},
             {"id": "x3", "publicName": "filmer", "capabilities": {"outputCapabilities": {"video": True}}},
             {"id": "x4", "publicName": "builder", "capabilities": {"outputCapabilities": {"web": True}}},
             {"id": "x5", "publicName": "talker", "capabilities": {"outputCapabilities": {"text": True}}},
+            # Real page data: chat models that can also build web pages, and the router "Max".
+            {"id": "x6", "publicName": "gemini-2.5-pro", "capabilities": {"outputCapabilities": {
+                "text": True, "web": True}}},
+            {"id": "x7", "publicName": "Max", "capabilities": {"outputCapabilities": {
+                "text": True, "image": {"aspectRatios": ["1:1"]}, "search": True, "web": True}}},
         ]
         self.assertEqual(bridge.page_model_entries(page), {
             "dup": "0199aaaa-0000-7000-8000-000000000002", "painter": "x1:image", "finder": "x2:search",
-            "filmer": "x3:video", "builder": "x4:webdev", "talker": "x5"})
+            "filmer": "x3:video", "builder": "x4:webdev", "talker": "x5", "gemini-2.5-pro": "x6",
+            "Max": "x7"})
+
+    def test_catalog_arenas_decide(self):
+        """From the catalog the arena decides the modality; a name in several arenas is plain in the
+        text arena and "<name>:<modality>" elsewhere; the document arena adds nothing; with no text
+        row the first listed arena names it; the newest of several rows in one arena wins. The same
+        rows flattened by the tab (an "arena" key on each) give the same answer."""
+        web = {"outputCapabilities": {"text": True, "web": True}}
+        catalog = [
+            {"arena": "text", "models": [
+                {"id": "t-gem", "publicName": "gemini-2.5-pro", "capabilities": web},
+                {"id": "t-gpt", "publicName": "gpt-5.1", "capabilities": web},
+                {"id": "t-max", "publicName": "Max", "capabilities": {"outputCapabilities": {
+                    "text": True, "image": {}, "search": True, "web": True}}},
+                {"id": "0190aaaa-0000-7000-8000-000000000001", "publicName": "twice"},
+                {"id": "0199aaaa-0000-7000-8000-000000000002", "publicName": "twice"},
+                {"id": "t-off", "publicName": "off", "userSelectable": False}]},
+            {"arena": "document", "models": [
+                {"id": "t-gem", "publicName": "gemini-2.5-pro", "capabilities": web},
+                {"id": "d-only", "publicName": "reader"}]},
+            {"arena": "code", "models": [
+                {"id": "c-gpt", "publicName": "gpt-5.1", "capabilities": web},
+                {"id": "c-only", "publicName": "coder", "capabilities": web}]},
+            {"arena": "search", "models": [{"id": "s-gem", "publicName": "gemini-2.5-pro"}]},
+            {"arena": "text-to-image", "models": [
+                {"id": "i-gpt", "publicName": "gpt-5.1", "capabilities": {"outputCapabilities": {"image": {}}}},
+                {"id": "i-only", "publicName": "painter"}]},
+            {"arena": "text-to-video", "models": [{"id": "v-only", "publicName": "filmer"}]},
+        ]
+        want = {"gemini-2.5-pro": "t-gem", "gemini-2.5-pro:search": "s-gem:search",
+                "gpt-5.1": "t-gpt", "gpt-5.1:webdev": "c-gpt:webdev", "gpt-5.1:image": "i-gpt:image",
+                "Max": "t-max", "twice": "0199aaaa-0000-7000-8000-000000000002", "reader": "d-only",
+                "coder": "c-only:webdev", "painter": "i-only:image", "filmer": "v-only:video"}
+        self.assertEqual(bridge.page_model_entries(catalog), want)
+        flat = [dict(m, arena=group["arena"]) for group in catalog for m in group["models"]]
+        self.assertEqual(bridge.page_model_entries(flat), want)
+        # A model the text arena does not list is named by its first listed arena, whatever the order.
+        flipped = [{"arena": "search", "models": [{"id": "s1", "publicName": "both"}]},
+                   {"arena": "code", "models": [{"id": "c1", "publicName": "both"}]}]
+        self.assertEqual(bridge.page_model_entries(flipped), {"both": "s1:search", "both:webdev": "c1:webdev"})
 
     def test_new_error_rows(self):
         """Section 2.9's new rows map to model_unavailable, upstream_schema_changed (fields named)
