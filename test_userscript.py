@@ -88,7 +88,7 @@ def model(mid, name, out_caps, **extra):
 PAGE_MODELS = [
     model(TEXT_ID, "stand-in-text", {"text": True}),
     model(IMAGE_ID, "stand-in-image", {"image": {"aspectRatios": ["1:1"]}}),
-    model(SEARCH_ID, "stand-in-search", {"text": True, "search": True}),
+    model(SEARCH_ID, "stand-in-search", {"search": True}),   # page data: text output would mean chat (2.8)
     model(RETIRED_ID, "stand-in-retired", {"text": True}, userSelectable=False),
     model(TWIN_OLD_ID, "stand-in-twin", {"text": True}),
     model(TWIN_NEW_ID, "stand-in-twin", {"text": True}),
