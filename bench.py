@@ -46,7 +46,7 @@ The equal-load report ends with the --preminting figure.
 
 --preminting: what a reCAPTCHA token minted ahead (keep_token_ready, config token_ready_seconds)
 saves a request, in a real browser: the real userscript in headless Chromium on the browser tests'
-stand-in of LMArena (test_userscript.py), whose reCAPTCHA execute() takes 1.5 s, and the real bridge
+stand-in of LMArena (testsupport.py), whose reCAPTCHA execute() takes 1.5 s, and the real bridge
 with token_ready_seconds 0 (the tab mints a token per request), then 600 (one is kept ready).
 --preminting-requests sequential streaming requests each (default 5, 2 s apart: time to mint the
 next one ahead). Printed: POST -> the stand-in receiving the LMArena request (median, max) and POST ->
@@ -809,7 +809,7 @@ MINT_DELAY_MS = 1500      # the stand-in's reCAPTCHA execute() time (real ones: 
 
 def preminting(requests: int) -> bool:
     """The --preminting figure: what keep_token_ready saves a request. The real userscript runs in
-    headless Chromium against the browser tests' stand-in of LMArena (test_userscript.py), whose
+    headless Chromium against the browser tests' stand-in of LMArena (testsupport.py), whose
     grecaptcha.enterprise.execute() takes MINT_DELAY_MS; a real bridge (subprocess) serves the
     client. Measured twice, same browser and stand-in, one bridge each: token_ready_seconds 0 (the
     tab mints a token when a task arrives) and 600 (it keeps one minted ahead). False, after one
@@ -820,7 +820,7 @@ def preminting(requests: int) -> bool:
         return False
     try:
         from playwright.sync_api import sync_playwright
-        import test_userscript as stand_in
+        import testsupport as stand_in
     except ImportError as exc:
         print(f"token pre-minting: skipped ({exc}; pip install -r requirements-dev.txt)", flush=True)
         return False

@@ -22,7 +22,7 @@ from bridge import (AnthropicEvents, StopSequenceFilter, ToolCallReader,
                     anthropic_stop_reason, anthropic_to_openai, count_input_tokens,
                     openai_message_tool_calls, openai_tool_call_delta,
                     parse_tools, tool_history_text, tool_prompt)
-from test_bridge import BridgeCase, lines, MODEL_UUID
+from testsupport import BridgeCase, lines, MODEL_UUID
 
 try:
     import anthropic

@@ -16,7 +16,7 @@ import urllib.request
 import openai
 
 import bridge
-from test_bridge import IMAGE_UUID, MODEL_UUID, BridgeCase, Harness, lines, run_cli
+from testsupport import feed_parser, IMAGE_UUID, MODEL_UUID, BridgeCase, Harness, lines, run_cli
 
 SEARCH_UUID = "0199aaaa-0000-7000-8000-00000000000c"
 MODELS = {"test-model": MODEL_UUID, "image-model": f"{IMAGE_UUID}:image", "search-model": f"{SEARCH_UUID}:search"}
@@ -247,11 +247,7 @@ def norm(event):
 
 def run(chunks, side="a"):
     """(normalised events, parser) after feeding `chunks` and closing."""
-    p = bridge.ArenaStreamParser(side)
-    events = []
-    for c in chunks:
-        events += p.feed(c)
-    events += p.close()
+    events, p = feed_parser(chunks, side)
     return [norm(e) for e in events], p
 
 
