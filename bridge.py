@@ -58,7 +58,28 @@ Limits and timeouts (Config fields; config.jsonc keys; defaults)
     tab_cooldown_seconds 60       a tab rests after a 429 or a refused bot check
     max_pending_output_bytes 8 MiB, max_answer_chars 64 Mi, ws_ping_interval_seconds 20,
     ws_ping_timeout_seconds 20, token_ready_seconds 600: see Config
-Table of contents: grep -n '^# [0-9]' bridge.py
+Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: banners `# N. Title ===`)
+    1. Constants and limits                            73  names, sizes, the JSON scanners every layer uses
+    2. Configuration and the user files               376  Config; UserFiles: read when changed, written by the bridge
+    3. Atomic, comment-keeping writes of user files   150  JSONC edits that keep comments, written atomically
+    4. Errors and JSON                                 76  ApiError (what a client sees), field checks, strict JSON
+    5. HTTP/1.1 wire format                           254  pure: request heads, chunked bodies, response heads, SSE
+    6. LMArena: requests, models and errors           499  the site's request bodies, model list, refusals, retries
+    7. LMArena: the response stream                   497  three stream dialects -> text, reasoning, images, finish
+    8. The conversation                               269  one value for every client API; transcript; fingerprints
+    9. Tools in the prompt, and calls read back       295  tools described for the model; calls and stops in its text
+    10. Replies                                       136  answer events -> a client API's output (base class)
+    11. OpenAI chat completions                       398  /v1/chat/completions: request and answer translations
+    12. Anthropic Messages                            471  /v1/messages (and count_tokens): request and answer
+    13. Jobs                                          326  one request's attempts on the tabs; the conversation memory
+    14. The tab link                                  270  one userscript tab over WebSocket (Sans-I/O websockets)
+    15. The tab pool                                  302  picking tabs, assigning and retrying jobs, rests, pings
+    16. HTTP connection driver                        462  asyncio protocol: requests in, answers and streams out
+    17. Diagnosis                                     111  doctor's checks and the status page (pure)
+    18. Routes                                        409  the HTTP API: one method per endpoint
+    19. The bridge                                    332  the server: lifecycle, capture, stats, health, tab reports
+    20. Updates and image downloads                    83  blocking; run in threads or from the command line
+    21. Command line                                  259  serve, doctor, capture, models, update
 """
 from __future__ import annotations
 
@@ -89,6 +110,7 @@ import socket
 import sys
 import tempfile
 import time
+import typing
 import urllib.parse
 import uuid
 
@@ -103,27 +125,51 @@ VERSION = "3.1.0"
 USERSCRIPT_VERSION = "3.1.0"    # the userscript.js shipped with this bridge
 log = logging.getLogger("bridge")
 
-# 1. Constants and limits ============================================================================
+# 1. Constants and limits ==========================================================================
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 CONFIG_NAME, MODELS_NAME, MAP_NAME = "config.jsonc", "models.json", "model_endpoint_map.json"
+
+
 SHAPE_NAME = "request_shape.json"      # what the tab learned of LMArena's request shape (section 6)
+
+
 PROGRAM_FILES = ("bridge.py", "userscript.js", "README.md")  # the only files `update` may replace
+
 
 # Limits that are part of the protocol, not of a user's taste (the tunable ones are Config fields).
 MAX_HEADERS = 100                 # h11 and websockets cap the count too; 100 is generous for clients
+
+
 MAX_CHUNK_SIZE_DIGITS = 16        # hex digits of one chunk size (64 bits); more is an attack
+
+
 MAX_TRAILER_BYTES = 8192          # chunked trailers are read and discarded
+
+
 WS_MAX_MESSAGE = 64 * 2**20       # tab messages carry base64 images: several MiB must pass
+
+
 BURST_FRAMES = 4                  # more tab messages than this behind an answer's first text: write it first
+
+
 FLUSH_INTERVAL = 0.002            # a burst of tokens within 2 ms of the last write goes out as one chunk
+
+
 THREAD_PARSE_BYTES = 256 * 1024   # request bodies larger than this are parsed off the event loop
+
+
 RECENT_REQUESTS = 200             # kept for /health, the status page and stage percentiles
+
 
 # Hot-path JSON: a tab message is decoded by the C scanner directly (json.loads adds type checks,
 # encoding sniffing and two regex scans for surrounding whitespace: twice the time of the scan).
 # Anything unusual (leading or trailing text, invalid JSON) goes the full way, errors included.
 _DECODER = json.JSONDecoder()
+
+
 _scan_once = _DECODER.scan_once
 
 
@@ -139,14 +185,23 @@ def _json_decode(s: str):
 
 _scan_json_string = json.decoder.scanstring
 
+
 LMARENA_HOSTS = ("lmarena.ai", "arena.ai")
+
+
 RETRY_PATH = "/nextjs-api/stream/retry-evaluation-session-message/{session_id}/messages/{message_id}"
+
+
 RECAPTCHA_RETRY_ACTION = "chat_retry"
+
+
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
-# 2. Configuration ===================================================================================
+
+# 2. Configuration and the user files ==============================================================
 #    config.jsonc becomes one frozen `Config`, replaced whole when the file changes: a mistyped key or
 #    a wrong type fails at load time with the file's name, never as a 500 at request time.
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Config:
@@ -325,9 +380,14 @@ def validate_endpoint_map(path: str, raw) -> dict:
 
 
 class UserFiles:
-    """The user files, re-read when they change on disk (checked per API request: a stat is cheap,
-    and an edit then takes effect on the very next request). A broken edit, or a file that is
-    missing for a moment (editors that save by rename-then-write), keeps the last good version."""
+    """The user files, re-read when they change on disk (checked when a request comes, at most once
+    per CHECK_SECONDS: three stats per request cost more than the rest of a small request's
+    bookkeeping, and an edit still takes effect within a second). A broken edit, or a file that is
+    missing for a moment (editors that save by rename-then-write), keeps the last good version.
+    What the bridge writes into them (captured ids, the model list, the learned request shape) is
+    written here too, atomically and keeping the user's comments (section 3)."""
+
+    CHECK_SECONDS = 1.0
 
     def __init__(self, config_path: str, overrides: dict | None = None):
         self.config_path = os.path.abspath(config_path)
@@ -342,6 +402,10 @@ class UserFiles:
         self.loaded_at = time.time()
         self.last_error: str | None = None
         self._stamps: dict = {}
+        self._checked = -math.inf               # when refresh() last looked at the files
+        self.models_at: float | None = None     # when a tab last reported the model list
+        self.shape: dict | None = None          # the request shape learned from the page
+        self.shape_at: float | None = None
 
     def _spec(self):
         return ((self.config_path, "config", self._config_value),
@@ -368,8 +432,13 @@ class UserFiles:
             setattr(self, attr, validate(path, value))
             self._stamps[path] = self._stamp(path)
 
-    def refresh(self) -> bool:
-        """Reload whichever file changed; True when something was reloaded."""
+    def refresh(self, force: bool = False) -> bool:
+        """Reload whichever file changed (looked at once per CHECK_SECONDS unless `force`); True
+        when something was reloaded."""
+        now = time.monotonic()
+        if not force and now - self._checked < self.CHECK_SECONDS:
+            return False
+        self._checked = now
         changed = False
         for path, attr, validate in self._spec():
             stamp = self._stamp(path)
@@ -404,6 +473,91 @@ class UserFiles:
     def note_written(self, path: str) -> None:
         self._stamps[path] = self._stamp(path)
 
+    # -- what the bridge writes: captured ids, the model list, the learned request shape --
+    def store_session(self, session_id: str, message_id: str, settings: dict) -> str:
+        """Write captured ids: into config.jsonc, or into a model's pool in model_endpoint_map.json."""
+        model = settings.get("model")
+        files = self
+        if not model:
+            path = files.config_path
+            text = _read_text(path)
+            new = jsonc_update(text, {"session_id": session_id, "message_id": message_id,
+                                      "id_updater_last_mode": settings["mode"],
+                                      "id_updater_battle_target": settings["target"]})
+            cfg = self._config_value(path, parse_json_file(path, new))
+            atomic_write(path, new)
+            files.note_written(path)
+            files.config = cfg
+            return path
+        path = files.map_path
+        text = _read_text(path)
+        current = parse_json_file(path, text) if text and text.strip() else {}
+        entry = {"session_id": session_id, "message_id": message_id, "mode": settings["mode"],
+                 "battle_target": settings["target"]}
+        existing = current.get(model)
+        pool = [] if existing is None else (existing if isinstance(existing, list) else [existing])
+        pool = [e for e in pool if not (isinstance(e, dict) and e.get("session_id") == session_id
+                                        and e.get("message_id") == message_id)] + [entry]
+        new = jsonc_update(text, {model: pool})
+        mapping = validate_endpoint_map(path, parse_json_file(path, new))
+        atomic_write(path, new)
+        files.note_written(path)
+        files.endpoint_map = mapping
+        return path
+
+    def merge_models(self, page_models: list) -> dict:
+        """Merge the page's model list into models.json: add new, update changed ids, keep the rest
+        (entries the user wrote by hand stay as they are unless the page knows the name)."""
+        path = self.models_path
+        text = _read_text(path)
+        current = parse_json_file(path, text) if text and text.strip() else {}
+        updates, added, changed = {}, [], []
+        for name, value in page_model_entries(page_models).items():
+            if name not in current:
+                added.append(name)
+            elif current[name] != value:
+                changed.append(name)
+            else:
+                continue
+            updates[name] = value
+        self.models_at = time.time()
+        if not updates:
+            log.info("model list from the page: %d models, models.json already up to date", len(page_models))
+            return {}
+        new = jsonc_update(text, updates)
+        models = validate_models(path, parse_json_file(path, new))
+        atomic_write(path, new)
+        self.note_written(path)
+        self.models = models
+        log.info("models.json updated: %d added%s, %d changed%s", len(added),
+                 f" ({shown(', '.join(added[:5]), 200)}{'...' if len(added) > 5 else ''})" if added else "",
+                 len(changed), f" ({shown(', '.join(changed[:5]), 200)})" if changed else "")
+        return updates
+
+    def load_shape(self) -> None:
+        """The request shape learned from the page, kept beside the config across restarts."""
+        self.shape, self.shape_at = None, None
+        try:
+            value, text = read_json_file(self.shape_path, None)
+        except ConfigError as exc:
+            log.warning("ignoring %s: %s", SHAPE_NAME, exc)
+            return
+        if not isinstance(value, dict) or not isinstance(value.get("body"), dict):
+            return
+        shape = learned_shape(value.get("endpoint", "create-evaluation"), value["body"])
+        if shape is None:
+            log.warning("ignoring %s: not a usable request shape (too large, too deep, or odd values)",
+                        SHAPE_NAME)
+            return
+        at = value.get("learned_at")
+        self.shape, self.shape_at = shape, at if isinstance(at, (int, float)) else None
+
+    def save_shape(self, endpoint: str, shape: dict) -> None:
+        self.shape, self.shape_at = shape, time.time()
+        with contextlib.suppress(OSError):
+            atomic_write(self.shape_path, json.dumps({"learned_at": self.shape_at, "endpoint": endpoint,
+                                                      "body": shape}, indent=2) + "\n")
+
 
 def set_log_level(name: str) -> None:
     log.setLevel(getattr(logging, str(name).upper(), logging.INFO))
@@ -420,7 +574,7 @@ def shown(value, limit: int = 120) -> str:
     return repr(text[:limit])
 
 
-# 3. Atomic, comment-keeping writes of user files ====================================================
+# 3. Atomic, comment-keeping writes of user files ==================================================
 
 def atomic_write(path: str, content: str | bytes) -> None:
     """Temporary file in the same folder, fsync, rename: a crash leaves the old or the new file."""
@@ -562,7 +716,15 @@ def jsonc_update(text: str | None, updates: dict, indent: str = "  ") -> str:
     return text
 
 
-# 4. Errors =========================================================================================
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+# 4. Errors and JSON ===============================================================================
 
 class ApiError(Exception):
     """An error a client sees. Rendered in one place per API: `body()` (OpenAI's shape) and
@@ -596,14 +758,68 @@ def no_tab_error() -> ApiError:
                     "no_tab_connected")
 
 
-# 5. HTTP/1.1 wire format (pure: bytes in, values out) ===============================================
+def _bad(message: str) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", "invalid_request_error")
+
+
+def _describe(value) -> str:
+    """The JSON type name of a value, for error messages a client author can act on."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _reject_constant(name: str):
+    # json.loads accepts NaN/Infinity, which json.dumps would then write back as invalid JSON.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(text: str):
+    """JSON that must round-trip: no NaN/Infinity, and nesting too deep for Python is invalid too."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+# Compact JSON, UTF-8 as it is. Encoders made once: json.dumps with options builds one per call.
+json_text = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+_canonical_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
+
+
+_sorted_json = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode     # message fingerprints
+
+
+# 5. HTTP/1.1 wire format ==========================================================================
 
 _TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")      # \Z: "$" would pass a final LF
+
+
 _TARGET_RE = re.compile(rb"^[\x21-\x7e]+\Z")
+
+
 _VALUE_BAD_RE = re.compile(rb"[\x00\r\n]")
+
+
 _FIELDS_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*)*")
+
+
 _FRAMING_FIELDS = frozenset({"transfer-encoding", "content-length", "host", "connection", "expect"})
+
+
 _DIGITS_RE = re.compile(rb"^[0-9]+\Z")
+
+
 _HEX_RE = re.compile(rb"^[0-9A-Fa-f]+\Z")
 
 
@@ -807,6 +1023,8 @@ _REASONS = {100: "Continue", 101: "Switching Protocols", 200: "OK", 204: "No Con
             417: "Expectation Failed", 421: "Misdirected Request", 429: "Too Many Requests",
             431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
             503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
+
+
 _HEADER_SAFE = re.compile(r"[\r\n\x00]")
 
 
@@ -832,19 +1050,52 @@ def wire_bytes(text: str) -> bytes:
         return text.encode("utf-8", "backslashreplace")
 
 
+def sse_event(obj) -> str:
+    return "data: " + json_text(obj) + "\n\n"
 
 
-# 6. LMArena translation (pure): OpenAI request -> LMArena task, LMArena stream -> events ==========
-#    Everything LMArena-specific lives here: when the site changes, this is the section to adjust.
-#    PROTOCOL.md (in this repository) section 2 has the facts and their sources.
+# 6. LMArena: requests, models and errors ==========================================================
+#    Everything LMArena-specific lives here and in section 7: when the site changes, these are the
+#    sections to adjust. PROTOCOL.md (in this repository) section 2 has the facts and their sources.
+
 
 CREATE_PATH = "/nextjs-api/stream/create-evaluation"
+
+
 FOLLOWUP_PATH = "/nextjs-api/stream/post-to-evaluation/{id}"
+
+
 RECAPTCHA_SUBMIT_ACTION = "chat_submit"
+
+
 MODALITIES = ("chat", "image", "search", "video", "webdev")
+
+
 # Body fields the bridge always sets itself: a learned shape (below) never overrides them.
+TOKEN_V3_FIELD, TOKEN_V2_FIELD = "recaptchaV3Token", "recaptchaV2Token"
 OWN_FIELDS = frozenset({"id", "mode", "modelAId", "modelBId", "userMessageId", "modelAMessageId",
-                        "modelBMessageId", "userMessage", "modality", "recaptchaV3Token", "recaptchaV2Token"})
+                        "modelBMessageId", "userMessage", "modality", TOKEN_V3_FIELD, TOKEN_V2_FIELD})
+# Fields the site's own bodies carry that ours must never have (2.2): `forceLowRecaptchaScore`
+# (what the server does with it is unknown; true could only hurt) and `secrets`. Neither is ever
+# learned from the page, and the tab strips them from every body it sends.
+NEVER_SEND = ("forceLowRecaptchaScore", "secrets")
+# Key names that look like a credential: never learned from the page, whatever the site adds.
+_CREDENTIAL_KEY = re.compile(r"token|secret|passw|credential|cookie|authoriz|signature|api_?key|private_?key",
+                             re.I)
+_ID_KEY = re.compile(r"^(?:id|.*Id|.*Ids)$")
+# What the tab needs to know of the bodies, so a renamed field is a change here only (section 1 of
+# PROTOCOL.md): with every task, where the tokens and attachments go and what never leaves; once
+# after hello, what the tab's learner must leave out of the page's own bodies (site_rules).
+TASK_FIELDS = {"token_v3": TOKEN_V3_FIELD, "token_v2": TOKEN_V2_FIELD,
+               "attachments": [["userMessage", "experimental_attachments"],
+                               ["messages", "*", "experimental_attachments"]],
+               "never_send": list(NEVER_SEND)}
+SITE_RULES = {"command": "site_rules", "rules": {
+    "never_copy": sorted({TOKEN_V3_FIELD, TOKEN_V2_FIELD, "modelAId", "modelBId", *NEVER_SEND}),
+    "never_copy_pattern": _CREDENTIAL_KEY.pattern, "id_keys_pattern": _ID_KEY.pattern,
+    "blank": ["content"], "empty": ["experimental_attachments"]}}
+# A learned shape is the page's body minus what we set: small and shallow (a tab could send anything).
+SHAPE_MAX_DEPTH, SHAPE_MAX_CHARS = 6, 16384
 
 
 def uuid7_chain(n: int, now_ms: int | None = None) -> list[str]:
@@ -965,172 +1216,28 @@ def page_model_entries(page_models: list) -> dict:
     return out
 
 
-# -- Request content: OpenAI parts -> text and attachments ---------------------------------------------
-
-_DATA_URL_RE = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*?)(;base64)?,", re.I)
-_AUDIO_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg",
-                "m4a": "audio/mp4", "webm": "audio/webm", "aac": "audio/aac", "pcm16": "audio/wav"}
-
-
-def decoded_size(data_url: str) -> int:
-    """Bytes a data URL decodes to (base64 counted without decoding it)."""
-    m = _DATA_URL_RE.match(data_url)
-    if not m:
-        return len(data_url)
-    payload = len(data_url) - m.end()
-    if m.group(3):
-        pad = data_url.endswith("==") + data_url.endswith("=")
-        return payload * 3 // 4 - pad
-    return payload
-
-
-def _extension_for(mime: str) -> str:
-    special = {"image/jpeg": "jpg", "audio/mpeg": "mp3", "text/plain": "txt", "image/svg+xml": "svg"}
-    if mime in special:
-        return special[mime]
-    ext = mimetypes.guess_extension(mime or "") or ""
-    return ext.lstrip(".") or "bin"
-
-
-def _attachment(url: str, name: str | None, mime: str | None, index: int, kind: str,
-                limit: int) -> dict:
-    if url.startswith("data:"):
-        m = _DATA_URL_RE.match(url)
-        if not m:
-            raise ApiError(400, f"{kind} attachment {index}: malformed data URL", "invalid_attachment")
-        mime = mime or m.group(1) or "application/octet-stream"
-        size = decoded_size(url)
-        if size > limit:
-            raise ApiError(413, f"Attachment {name or index} is {size / 2**20:.1f} MiB; LMArena accepts at "
-                           f"most {limit / 2**20:.1f} MiB per file (max_attachment_bytes).",
-                           "attachment_too_large")
-    elif url.startswith(("http://", "https://")):
-        guess = mimetypes.guess_type(urllib.parse.urlsplit(url).path)[0]
-        mime = mime or guess or ("image/png" if kind == "image" else "application/octet-stream")
-        if not name:
-            base = os.path.basename(urllib.parse.urlsplit(url).path)
-            name = base if "." in base else None
-    else:
-        raise ApiError(400, f"{kind} attachment {index}: expected a data: or http(s): URL",
-                       "invalid_attachment")
-    if not name:
-        name = f"{kind}_{index}.{_extension_for(mime)}"
-    return {"name": name, "contentType": mime, "url": url}
-
-
-def _object_field(part: dict, key: str, where: str) -> dict:
-    value = part.get(key)
+def resolve_model(name: str, models: dict, strict: bool) -> ModelRef:
+    """models.json entry of a model name; an unknown name is modelId null (or 404 when strict)."""
+    value = models.get(name)
     if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ApiError(400, f"{where}.{key} must be an object", "invalid_content")
-    return value
+        if strict:
+            close = difflib.get_close_matches(name, list(models), n=5, cutoff=0.4)
+            hint = f" Similar: {', '.join(close)}." if close else ""
+            raise ApiError(404, f"The model {name!r} is not in models.json.{hint}", "model_not_found")
+        return ModelRef(None)
+    return parse_model_value(value)
 
 
-def content_parts(content, where: str) -> list:
-    """OpenAI message content as a list of parts: None is none, a string or one object is one."""
-    if content is None:
-        return []
-    if isinstance(content, (str, dict)):
-        return [content]
-    if not isinstance(content, list):
-        raise ApiError(400, f"{where} must be a string or a list of parts", "invalid_content")
-    return content
+# -- What a job asks of LMArena -------------------------------------------------------------------
+
+def tavern_merge(templates: list) -> list:
+    """Tavern mode: every system prompt joined (blank line between) into one, first."""
+    system = [t["content"] for t in templates if t["role"] == "system"]
+    rest = [t for t in templates if t["role"] != "system"]
+    return ([{"role": "system", "content": "\n\n".join(system), "attachments": []}] if system else []) + rest
 
 
-def content_to_text(content, limit: int, counter: itertools.count, where: str = "content") -> tuple[str, list]:
-    """OpenAI message content (string or list of parts) -> (text, attachments)."""
-    if isinstance(content, str):
-        return content, []
-    texts, files = [], []
-    for i, part in enumerate(content_parts(content, where)):
-        at = f"{where}[{i}]"
-        if isinstance(part, str):
-            texts.append(part)
-            continue
-        if not isinstance(part, dict):
-            raise ApiError(400, f"{at} must be an object", "invalid_content")
-        kind = part.get("type")
-        if kind in ("text", "input_text"):
-            text = part.get("text")
-            if text is not None and not isinstance(text, str):
-                raise ApiError(400, f"{at}.text must be a string", "invalid_content")
-            texts.append(text or "")
-        elif kind in ("image_url", "input_image"):
-            ref = part.get("image_url")
-            url = ref.get("url") if isinstance(ref, dict) else ref
-            if not isinstance(url, str):
-                raise ApiError(400, f"{at}.image_url.url must be a string (a data: or http(s) URL)",
-                               "invalid_content")
-            files.append(_attachment(url, None, None, next(counter), "image", limit))
-        elif kind == "input_audio":
-            audio = _object_field(part, "input_audio", at)
-            data, fmt = audio.get("data"), audio.get("format") or "wav"
-            if not isinstance(data, str):
-                raise ApiError(400, f"{at}.input_audio.data must be a base64 string", "invalid_content")
-            if not isinstance(fmt, str) or not re.fullmatch(r"[A-Za-z0-9]{1,10}", fmt):
-                raise ApiError(400, f"{at}.input_audio.format must be a short name like \"wav\"",
-                               "invalid_content")
-            fmt = fmt.lower()
-            mime = _AUDIO_TYPES.get(fmt, f"audio/{fmt}")
-            url = data if data.startswith("data:") else f"data:{mime};base64,{data}"
-            n = next(counter)
-            files.append(_attachment(url, f"audio_{n}.{'wav' if fmt == 'pcm16' else fmt}", mime, n,
-                                     "audio", limit))
-        elif kind == "file":
-            f = _object_field(part, "file", at)
-            data, name = f.get("file_data"), f.get("filename")
-            if not isinstance(data, str):
-                raise ApiError(400, f"{at}.file.file_data must be a string (a data URL or base64); "
-                               "file_id is not supported", "invalid_content")
-            if name is not None and not isinstance(name, str):
-                raise ApiError(400, f"{at}.file.filename must be a string", "invalid_content")
-            mime = None
-            if not data.startswith("data:"):
-                mime = (mimetypes.guess_type(name)[0] if name else None) or "application/octet-stream"
-                data = f"data:{mime};base64,{data}"
-            else:
-                m = _DATA_URL_RE.match(data)
-                if name and m and not m.group(1):
-                    mime = mimetypes.guess_type(name)[0]
-            files.append(_attachment(data, name, mime, next(counter), "file", limit))
-        elif kind == "refusal":
-            refusal = part.get("refusal")
-            texts.append(refusal if isinstance(refusal, str) else "")
-        else:
-            raise ApiError(400, f"{at}: unsupported content part type {shown(kind, 40)}", "invalid_content")
-    return "\n\n".join(t for t in texts if t) if len(texts) > 1 else "".join(texts), files
-
-
-def openai_to_templates(messages, *, tavern: bool, bypass: bool, is_image: bool, mode: str,
-                        target: str, attachment_limit: int, max_messages: int = 10**9) -> list[dict]:
-    """OpenAI messages -> the original's message_templates, with participant positions."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", "invalid_messages")
-    if len(messages) > max_messages:
-        raise ApiError(413, f"{len(messages)} messages is more than this bridge accepts in one request "
-                       f"({max_messages}, max_messages).", "request_too_large")
-    counter = itertools.count(1)
-    templates = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise ApiError(400, f"messages[{i}] must be an object", "invalid_messages")
-        role = msg.get("role")
-        if role == "developer":
-            role = "system"
-        elif role in ("tool", "function"):
-            role = "user"         # tool results are shown to the model as user text
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role {shown(role, 40)} is not supported", "invalid_messages")
-        text, files = content_to_text(msg.get("content"), attachment_limit, counter, f"messages[{i}].content")
-        if role == "user" and not text.strip() and not files:
-            text = " "            # LMArena rejects empty content
-        elif role == "user" and not text:
-            text = " "
-        templates.append({"role": role, "content": text, "attachments": files})
-    return openai_to_templates_positions(templates, tavern=tavern, bypass=bypass, is_image=is_image,
-                                         mode=mode, target=target)
-
+# -- Request content: OpenAI parts -> text and attachments ---------------------------------------------
 
 def openai_to_templates_positions(templates: list, *, tavern: bool, bypass: bool, is_image: bool, mode: str,
                                   target: str) -> list[dict]:
@@ -1207,7 +1314,7 @@ def build_evaluation_request(ref: ModelRef, content: str, attachments: list, con
     conv = conversation_id or new_id
     body = {}
     for key, value in (learned or {}).items():
-        if key not in OWN_FIELDS:
+        if key not in OWN_FIELDS and key not in NEVER_SEND:
             body[key] = copy.deepcopy(value)
     learned_user = (learned or {}).get("userMessage")
     learned_user = learned_user if isinstance(learned_user, dict) else {}
@@ -1223,12 +1330,44 @@ def build_evaluation_request(ref: ModelRef, content: str, attachments: list, con
     return {"method": "POST", "path": path, "body": body, "recaptcha_action": RECAPTCHA_SUBMIT_ACTION}, conv
 
 
+def _shape_value(value, depth: int):
+    """A learned value without ids, credentials and deny-listed keys; ValueError when it is too deep,
+    or of a type JSON bodies do not have."""
+    if depth > SHAPE_MAX_DEPTH:
+        raise ValueError(f"nested more than {SHAPE_MAX_DEPTH} deep")
+    if isinstance(value, dict):
+        out = {}
+        for key, v in value.items():
+            if (not isinstance(key, str) or key in NEVER_SEND or key in (TOKEN_V3_FIELD, TOKEN_V2_FIELD)
+                    or _CREDENTIAL_KEY.search(key)
+                    or (_ID_KEY.match(key) and (isinstance(v, str) and UUID_RE.match(v) or isinstance(v, list)
+                                                and all(isinstance(x, str) and UUID_RE.match(x) for x in v)))):
+                continue
+            out[key] = _shape_value(v, depth + 1)
+        return out
+    if isinstance(value, list):
+        return [_shape_value(v, depth + 1) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("a number JSON cannot hold")
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise ValueError(f"a value of type {type(value).__name__}")
+
+
 def learned_shape(endpoint, body) -> dict | None:
-    """A tab's report of the page's own request body -> the fields worth keeping (content, ids and
-    tokens are already removed by the tab; anything we set ourselves is dropped here too)."""
+    """A report of the page's own request body (from a tab, or request_shape.json) -> the fields
+    worth keeping, or None when it is unusable. The tab already leaves out content, ids and tokens;
+    whatever it sent, what we set ourselves, ids, anything credential-like and the deny list
+    (NEVER_SEND) are dropped here too, and the shape must be small and shallow: a learned shape goes
+    into every later request, so a bad one must never get that far."""
     if endpoint not in ("create-evaluation", "post-to-evaluation") or not isinstance(body, dict):
         return None
-    shape = {k: v for k, v in body.items() if k not in OWN_FIELDS or k == "userMessage"}
+    try:
+        if len(json_text(body)) > SHAPE_MAX_CHARS * 4:
+            return None
+        shape = _shape_value({k: v for k, v in body.items() if k not in OWN_FIELDS or k == "userMessage"}, 0)
+    except (ValueError, RecursionError, TypeError):
+        return None
     user = shape.get("userMessage")
     if isinstance(user, dict):
         user = {k: v for k, v in user.items() if k not in ("content", "experimental_attachments")}
@@ -1237,21 +1376,9 @@ def learned_shape(endpoint, body) -> dict | None:
             del shape["userMessage"]
     else:
         shape.pop("userMessage", None)
-    if len(json.dumps(shape)) > 65536:
+    if len(json_text(shape)) > SHAPE_MAX_CHARS:
         return None
     return shape
-
-
-def resolve_model(name: str, models: dict, strict: bool) -> ModelRef:
-    """models.json entry of a model name; an unknown name is modelId null (or 404 when strict)."""
-    value = models.get(name)
-    if value is None:
-        if strict:
-            close = difflib.get_close_matches(name, list(models), n=5, cutoff=0.4)
-            hint = f" Similar: {', '.join(close)}." if close else ""
-            raise ApiError(404, f"The model {name!r} is not in models.json.{hint}", "model_not_found")
-        return ModelRef(None)
-    return parse_model_value(value)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1300,6 +1427,8 @@ def check_session(choice: SessionChoice) -> None:
 
 _CLOUDFLARE_MARKS = ("<title>Just a moment", "Enable JavaScript and cookies to continue",
                      "cf-mitigated", "challenge-platform", "cf_chl_")
+
+
 FINISH_REASONS = {"stop": "stop", "unknown": "stop", "length": "length",
                   "content-filter": "content_filter", "content_filter": "content_filter",
                   "tool-calls": "stop", "other": "stop"}
@@ -1424,8 +1553,9 @@ def retry_plan(err: ApiError, followup: bool, attempt: int) -> dict | None:
     return None
 
 
-# -- The response stream -----------------------------------------------------------------------------
+# 7. LMArena: the response stream ==================================================================
 
+# -- The response stream -----------------------------------------------------------------------------
 
 class ArenaStreamParser:
     """LMArena's response stream (PROTOCOL.md 2.6) -> events, however the text is cut into chunks.
@@ -1920,250 +2050,329 @@ class ArenaStreamParser:
                 self.citations.append(src)
 
 
-# 7. OpenAI formatting (pure) ========================================================================
-
-def estimate_tokens(chars: int) -> int:
-    """A rough estimate (about 4 characters per token); LMArena's own usage wins when it sends one."""
-    return (chars + 3) // 4
-
-
-def usage_object(prompt_chars: int, completion_chars: int, upstream) -> dict:
-    if isinstance(upstream, dict):
-        p = upstream.get("promptTokens", upstream.get("inputTokens", upstream.get("prompt_tokens")))
-        c = upstream.get("completionTokens", upstream.get("outputTokens",
-                                                           upstream.get("completion_tokens")))
-        if type(p) is int and type(c) is int and p >= 0 and c >= 0:
-            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-    p, c = estimate_tokens(prompt_chars), estimate_tokens(completion_chars)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+# 8. The conversation ==============================================================================
+#    OpenAI chat, Anthropic Messages and the Responses API describe the same things: system text, turns
+#    with text and attachments, tools, tool calls and their results, stop strings, streaming or not.
+#    Each API's section is a pair of pure translations: its request -> a Conversation, and the answer's
+#    events -> its own output (a Reply subclass, section 10). Everything that reaches LMArena is made
+#    from the Conversation alone: its transcript (calls and results as text the model can read), folded
+#    into one turn in create mode (fold_turns) or sent as a history in retry mode.
 
 
-# Compact JSON, UTF-8 as it is. Encoders made once: json.dumps with options builds one per call.
-json_text = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_canonical_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
-_sorted_json = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode     # message fingerprints
+@dataclasses.dataclass(frozen=True, slots=True)
+class Call:
+    """A tool call, in the history or read from an answer. `arguments` is compact JSON text for a
+    function tool and the free-form text for a custom tool (`custom`)."""
+    id: str
+    name: str
+    arguments: str
+    custom: bool = False
 
 
-def sse_event(obj) -> str:
-    return "data: " + json_text(obj) + "\n\n"
+@dataclasses.dataclass(slots=True)
+class Turn:
+    """One entry of a conversation. Roles: "system" (instructions at that point of the conversation,
+    wherever they stand), "user", "assistant" (text and the calls it made), "tool" (a call's result)."""
+    role: str
+    text: str = ""
+    files: list = dataclasses.field(default_factory=list)  # attachments {"name", "contentType", "url"}
+    calls: tuple = ()                   # assistant: Call, in order
+    call_id: str | None = None          # tool: the call it answers
+    name: str | None = None             # tool: the tool's name, when known
+
+    def fingerprint(self) -> str:
+        """What identifies this turn for the continuation memory. An assistant turn is its text plus
+        its calls (arguments canonical), so an answer we returned matches its echo from any client."""
+        if self.role == "assistant":
+            digest = hashlib.sha256(wire_bytes(self.text)).hexdigest()
+            return "assistant|" + answer_fingerprint(digest, [(c.name, c.arguments, c.custom)
+                                                              for c in self.calls])
+        rest = [self.text, [f.get("url") for f in self.files], self.call_id, self.name]
+        return f"{self.role}|" + hashlib.sha256(wire_bytes(json_text(rest))).hexdigest()
 
 
-class ChunkFormatter:
-    """Builds `chat.completion.chunk` SSE events. The constant parts are rendered once per request,
-    so a token costs one string join (the text's JSON literal is reused as LMArena sent it)."""
-
-    __slots__ = ("head", "cid", "model", "created")
-
-    def __init__(self, cid: str, model: str, created: int):
-        self.cid, self.model, self.created = cid, model, created
-        self.head = ('data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,'
-                     '"choices":[{"index":0,"delta":{' % (json_text(cid), created, json_text(model)))
-
-    def content(self, literal: str) -> str:
-        return self.head + '"content":' + literal + '},"finish_reason":null}]}\n\n'
-
-    def reasoning(self, literal: str) -> str:
-        return self.head + '"reasoning_content":' + literal + '},"finish_reason":null}]}\n\n'
-
-    def delta(self, key: str, value) -> str:
-        return self.head + json_text(key) + ':' + json_text(value) + '},"finish_reason":null}]}\n\n'
-
-    def role(self) -> str:
-        return self.head + '"role":"assistant","content":""},"finish_reason":null}]}\n\n'
-
-    def finish(self, reason: str) -> str:
-        return self.head + '},"finish_reason":%s}]}\n\n' % json_text(reason)
-
-    def usage(self, usage: dict) -> str:
-        return sse_event({"id": self.cid, "object": "chat.completion.chunk", "created": self.created,
-                          "model": self.model, "choices": [], "usage": usage})
+@dataclasses.dataclass(slots=True)
+class Conversation:
+    """A client's request in the bridge's own terms, whichever API it came through."""
+    model: str
+    turns: list
+    tools: "ToolSpec | None" = None
+    stream: bool = False
+    stop: tuple = ()                    # stop strings, honoured on our side
+    include_usage: bool = False         # OpenAI chat streaming: a usage chunk at the end
 
 
-def completion_body(cid: str, model: str, created: int, content: str, reasoning: str,
-                    finish: str, usage: dict, tool_calls: list | None = None) -> dict:
-    message = {"role": "assistant", "content": content if content.strip() or not tool_calls else None}
-    if reasoning:
-        message["reasoning_content"] = reasoning
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": usage}
+def check_turn_count(n: int, cfg: Config, what: str = "messages") -> None:
+    if n > cfg.max_messages:
+        raise ApiError(413, f"{n} {what} is more than this bridge accepts in one request "
+                       f"({cfg.max_messages}, max_messages).", "request_too_large")
 
 
-def citations_markdown(sources: list[dict]) -> str:
-    lines = []
-    for s in sources:
-        title = s.get("title")
-        lines.append(f"- [{title}]({s['url']})" if isinstance(title, str) and title else f"- {s['url']}")
-    return "\n\nSources:\n" + "\n".join(lines)
+def check_stops(stops, field: str) -> tuple:
+    """Stop strings: a list of strings (empty ones dropped)."""
+    if stops is None:
+        return ()
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _bad(f"'{field}' must be a string or a list of strings.")
+    return tuple(s for s in stops if s)
 
 
-def image_markdown(url: str) -> str:
-    return f"![Image]({url})"
+# -- Attachments: data: or http(s) URLs -> {"name", "contentType", "url"} --------------------------
+
+_DATA_URL_RE = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*?)(;base64)?,", re.I)
 
 
-# 8. Agents: tool calls and the Anthropic Messages API (pure) ========================================
+_AUDIO_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg",
+                "m4a": "audio/mp4", "webm": "audio/webm", "aac": "audio/aac", "pcm16": "audio/wav"}
+
+
+def decoded_size(data_url: str) -> int:
+    """Bytes a data URL decodes to (base64 counted without decoding it)."""
+    m = _DATA_URL_RE.match(data_url)
+    if not m:
+        return len(data_url)
+    payload = len(data_url) - m.end()
+    if m.group(3):
+        pad = data_url.endswith("==") + data_url.endswith("=")
+        return payload * 3 // 4 - pad
+    return payload
+
+
+def _extension_for(mime: str) -> str:
+    special = {"image/jpeg": "jpg", "audio/mpeg": "mp3", "text/plain": "txt", "image/svg+xml": "svg"}
+    if mime in special:
+        return special[mime]
+    ext = mimetypes.guess_extension(mime or "") or ""
+    return ext.lstrip(".") or "bin"
+
+
+class Attachments:
+    """Makes the attachments of one request: numbered in order, each checked against the size limit."""
+
+    __slots__ = ("limit", "counter")
+
+    def __init__(self, limit: int):
+        self.limit, self.counter = limit, itertools.count(1)
+
+    def add(self, url: str, name: str | None, mime: str | None, kind: str, ext: str | None = None) -> dict:
+        index, limit = next(self.counter), self.limit
+        if url.startswith("data:"):
+            m = _DATA_URL_RE.match(url)
+            if not m:
+                raise ApiError(400, f"{kind} attachment {index}: malformed data URL", "invalid_attachment")
+            if name and not m.group(1) and not mime:
+                mime = mimetypes.guess_type(name)[0]
+            mime = mime or m.group(1) or "application/octet-stream"
+            size = decoded_size(url)
+            if size > limit:
+                raise ApiError(413, f"Attachment {name or index} is {size / 2**20:.1f} MiB; LMArena accepts at "
+                               f"most {limit / 2**20:.1f} MiB per file (max_attachment_bytes).",
+                               "attachment_too_large")
+        elif url.startswith(("http://", "https://")):
+            guess = mimetypes.guess_type(urllib.parse.urlsplit(url).path)[0]
+            mime = mime or guess or ("image/png" if kind == "image" else "application/octet-stream")
+            if not name:
+                base = os.path.basename(urllib.parse.urlsplit(url).path)
+                name = base if "." in base else None
+        else:
+            raise ApiError(400, f"{kind} attachment {index}: expected a data: or http(s): URL",
+                           "invalid_attachment")
+        if not name:
+            name = f"{kind}_{index}.{ext or _extension_for(mime)}"
+        return {"name": name, "contentType": mime, "url": url}
+
+    def file(self, data: str, name: str | None) -> dict:
+        """A file given as a data URL or bare base64 (its type guessed from the name)."""
+        if not data.startswith("data:"):
+            mime = (mimetypes.guess_type(name)[0] if name else None) or "application/octet-stream"
+            data = f"data:{mime};base64,{data}"
+        return self.add(data, name, None, "file")
+
+
+# -- The transcript: turns as the text LMArena gets ---------------------------------------------
+
+def _attr(value: str) -> str:
+    return html.escape(value, quote=True)
+
+
+def call_block(call: Call) -> str:
+    """The block the model is asked to write for a call; used to show it its own earlier calls."""
+    if call.custom:
+        body = {"name": call.name, "input": call.arguments}
+    else:
+        body = {"name": call.name, "arguments": _arguments_value(call.arguments)}
+    return f"{TOOL_OPEN}\n{json.dumps(body, ensure_ascii=False)}\n{TOOL_CLOSE}"
+
+
+def _arguments_value(text: str):
+    """A call's arguments text as the JSON value to show in a block (clients send "" for none)."""
+    if not text.strip():
+        return {}
+    try:
+        return _loads(text)
+    except ValueError:
+        return text             # shown as a JSON string: the model still sees what it sent
+
+
+def transcript(turns: list) -> list[dict]:
+    """Turns -> templates ({"role", "content", "attachments"}; roles system/user/assistant).
+
+    An assistant turn's calls become `<tool_call>` blocks after its text, so the model sees its own
+    format; a run of tool results becomes one user message of `<tool_result name=".." id="..">`
+    blocks (they answer one assistant turn). A user turn is never empty (LMArena refuses that)."""
+    out: list[dict] = []
+    results: list[str] = []
+    result_files: list = []
+
+    def flush():
+        if results:
+            out.append({"role": "user", "content": "\n".join(results), "attachments": result_files[:]})
+            results.clear()
+            result_files.clear()
+
+    for t in turns:
+        if t.role == "tool":
+            attrs = (f' name="{_attr(t.name)}"' if t.name else "") + (f' id="{_attr(t.call_id)}"'
+                                                                      if t.call_id else "")
+            results.append(f"<tool_result{attrs}>\n{t.text}\n</tool_result>")
+            result_files.extend(t.files)
+            continue
+        flush()
+        text = t.text
+        if t.calls:
+            text = "\n\n".join(s for s in (text.strip(), "\n".join(call_block(c) for c in t.calls)) if s)
+        elif t.role == "user" and (not text or (not text.strip() and not t.files)):
+            text = " "
+        out.append({"role": t.role, "content": text, "attachments": list(t.files)})
+    flush()
+    return out
+
+
+# -- A conversation ready for LMArena ------------------------------------------------------------
+
+@dataclasses.dataclass(slots=True)
+class ChatRequest:
+    """A Conversation with what LMArena needs: the model's id and modality, the transcript, the
+    tool instructions, and the prompt's size. Fingerprints (the continuation memory's keys) are made
+    only when asked for: most requests never need them."""
+    conv: Conversation
+    model: str
+    ref: ModelRef
+    stream: bool
+    templates: list         # transcript(turns): role/content/attachments
+    tools: "ToolSpec | None"
+    tools_prompt: str       # "" without tools
+    stop: tuple
+    prompt_chars: int
+    _fingerprints: list | None = None
+
+    @property
+    def turns(self) -> list:
+        return self.conv.turns
+
+    @property
+    def fingerprints(self) -> list:
+        if self._fingerprints is None:
+            self._fingerprints = [t.fingerprint() for t in self.conv.turns]
+        return self._fingerprints
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientApi:
+    """One client API, as the routes see it: its request -> a Conversation, the Reply that renders
+    an answer for it, and the shape of its errors."""
+    name: str
+    conversation: typing.Callable       # (request JSON, Config) -> Conversation
+    reply: typing.Callable              # (ChatRequest) -> Reply
+    error_body: typing.Callable         # (ApiError) -> dict
+
+
+def prepare(conv: Conversation, cfg: Config, models: dict) -> ChatRequest:
+    """Resolve the model and render the transcript (pure; may run in a thread)."""
+    ref = resolve_model(conv.model, models, cfg.strict_models)
+    templates = transcript(conv.turns)
+    prompt = tool_prompt(conv.tools) if conv.tools else ""
+    chars = len(prompt) + sum(len(t["content"]) + 4 * _ATTACHMENT_TOKENS * len(t["attachments"])
+                              for t in templates)
+    return ChatRequest(conv, conv.model, ref, conv.stream, templates, conv.tools, prompt, conv.stop, chars)
+
+
+def chain_digests(head: str, fingerprints: list) -> list[str]:
+    """d[i] identifies the first i turns (and the model and tools, in `head`)."""
+    out = [hashlib.sha256(head.encode()).hexdigest()]
+    for fp in fingerprints:
+        out.append(hashlib.sha256((out[-1] + "\n" + fp).encode()).hexdigest())
+    return out
+
+
+def answer_fingerprint(content_digest: str, calls: list) -> str:
+    """An answer's text digest and its calls ((name, arguments, custom) each), arguments canonical."""
+    canon = [(name, args if custom else canonical_arguments(args)) for name, args, custom in calls]
+    return content_digest + ("|" + json_text(canon) if canon else "")
+
+
+def canonical_arguments(arguments) -> str:
+    try:
+        value = _loads(arguments) if isinstance(arguments, str) else arguments
+        return _canonical_json(value)
+    except (ValueError, TypeError, RecursionError):
+        return str(arguments)
+
+
+# 9. Tools in the prompt, and calls read back ======================================================
 
 TOOL_OPEN = "<tool_call>"
+
+
 TOOL_CLOSE = "</tool_call>"
+
+
 _TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
 # How many tokens an image or file counts for in count_input_tokens: base64 length says nothing
 # about what a model charges for a picture, and ~1000 is in the range Anthropic documents.
 _ATTACHMENT_TOKENS = 1000
 
 
-def _bad(message: str) -> ApiError:
-    return ApiError(400, message, "invalid_request_error", "invalid_request_error")
-
-
-def _describe(value) -> str:
-    """The JSON type name of a value, for error messages a client author can act on."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object" if isinstance(value, dict) else type(value).__name__
-
-
-def _reject_constant(name: str):
-    # json.loads accepts NaN/Infinity, which json.dumps would then write back as invalid JSON.
-    raise ValueError(f"{name} is not JSON")
-
-
-def _loads(text: str):
-    """JSON that must round-trip: no NaN/Infinity, and nesting too deep for Python is invalid too."""
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-
-
 # -- OpenAI tools in the request ---------------------------------------------------------------
+
+class Tool(typing.NamedTuple):
+    """One tool offered to the model. A custom tool (the Responses API's) takes free-form text,
+    optionally described by a grammar (lark or regex), instead of JSON arguments."""
+    name: str
+    description: str
+    parameters: dict | None
+    custom: bool = False
+    grammar: str | None = None
+
 
 @dataclasses.dataclass(frozen=True)
 class ToolSpec:
     """The validated tools of one request. `choice` is "auto", "required" or a tool's name."""
-    tools: tuple            # ((name, description, parameters dict), ...) in the client's order
+    tools: tuple            # Tool, in the client's order
     choice: str
     parallel: bool
     names: frozenset
     legacy: bool = False    # sent as `functions`: the answer uses `function_call`, one call at most
 
 
-def _check_tool_name(name, field: str) -> str:
-    if not isinstance(name, str) or not _TOOL_NAME_RE.match(name):
-        raise _bad(f"'{field}' must be a string of 1 to 64 letters, digits, '_', '.' or '-' "
-                   f"(got {name!r})." if isinstance(name, str) else
-                   f"'{field}' must be a string (got {_describe(name)}).")
-    return name
-
-
-def _function_def(fn, field: str) -> tuple:
-    if not isinstance(fn, dict):
-        raise _bad(f"'{field}' must be an object with 'name', 'description' and 'parameters'.")
-    name = _check_tool_name(fn.get("name"), f"{field}.name")
-    desc = fn.get("description")
-    if desc is None:
-        desc = ""
-    elif not isinstance(desc, str):
-        raise _bad(f"'{field}.description' must be a string (got {_describe(desc)}).")
-    params = fn.get("parameters")
-    if params is None:
-        # OpenAI allows a function without parameters; the model still needs a schema to read.
-        params = {"type": "object", "properties": {}}
-    elif not isinstance(params, dict):
-        raise _bad(f"'{field}.parameters' must be a JSON Schema object (got {_describe(params)}).")
-    return name, desc, params
-
-
-def _choice_name(value, field: str, names: set) -> str:
-    if value not in names:
-        raise _bad(f"'{field}' names the function {value!r}, which is not in 'tools'.")
-    return value
-
-
-def parse_tools(data: dict) -> ToolSpec | None:
-    """Validate `tools`/`functions`, `tool_choice`/`function_call` and `parallel_tool_calls`.
-
-    None means "send no tool description": no tools, or tool_choice "none". The caller must then
-    not run a ToolCallReader either (a model imitating the format would otherwise trigger calls the
-    client never offered), but it must still pass the history through tool_history_text.
-    """
-    tools = []
-    raw_tools, raw_functions = data.get("tools"), data.get("functions")
-    if raw_tools is not None:
-        if not isinstance(raw_tools, list):
-            raise _bad(f"'tools' must be an array of tools (got {_describe(raw_tools)}).")
-        for i, tool in enumerate(raw_tools):
-            if not isinstance(tool, dict):
-                raise _bad(f"'tools[{i}]' must be an object (got {_describe(tool)}).")
-            kind = tool.get("type", "function")
-            if kind != "function":
-                raise _bad(f"'tools[{i}].type' {kind!r} is not supported; only \"function\" tools "
-                           "can be offered through LMArena.")
-            tools.append(_function_def(tool.get("function"), f"tools[{i}].function"))
-    if raw_functions is not None:       # the legacy (pre-tools) form: a plain list of functions
-        if not isinstance(raw_functions, list):
-            raise _bad(f"'functions' must be an array of functions (got {_describe(raw_functions)}).")
-        tools.extend(_function_def(fn, f"functions[{i}]") for i, fn in enumerate(raw_functions))
-    names = set()
-    for name, _, _ in tools:
-        if name in names:
-            raise _bad(f"'tools' holds two functions named {name!r}; names must be unique.")
-        names.add(name)
-
-    parallel = data.get("parallel_tool_calls")
-    if parallel is None:
-        parallel = True
-    elif not isinstance(parallel, bool):
-        raise _bad(f"'parallel_tool_calls' must be true or false (got {_describe(parallel)}).")
-
-    if "tool_choice" in data and data["tool_choice"] is not None:
-        field, raw = "tool_choice", data["tool_choice"]
-    else:
-        field, raw = "function_call", data.get("function_call")
-    if raw is None:
-        choice = "auto"
-    elif isinstance(raw, str):
-        if raw not in ("auto", "none", "required"):
-            raise _bad(f"'{field}' must be \"auto\", \"none\", \"required\" or "
-                       f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}} (got {raw!r}).")
-        if raw == "required" and field == "function_call":
-            raise _bad("'function_call' must be \"auto\", \"none\" or {\"name\": ...}.")
-        choice = raw
-    elif isinstance(raw, dict):
-        if field == "function_call":
-            choice = _choice_name(raw.get("name"), "function_call.name", names)
-        elif raw.get("type") in ("auto", "none", "required"):    # {"type": "auto"}: some SDKs
-            choice = raw["type"]
-        else:
-            if raw.get("type") != "function":
-                raise _bad("'tool_choice.type' must be \"function\" when tool_choice is an object "
-                           f"(got {raw.get('type')!r}).")
-            fn = raw.get("function")
-            if isinstance(fn, dict):
-                choice = _choice_name(fn.get("name"), "tool_choice.function.name", names)
-            elif "name" in raw:         # the Responses API spells it {"type": "function", "name"}
-                choice = _choice_name(raw.get("name"), "tool_choice.name", names)
-            else:
-                raise _bad("'tool_choice.function' must be an object with the function's 'name'.")
-    else:
-        raise _bad(f"'{field}' must be a string or an object (got {_describe(raw)}).")
-
+def tool_spec(tools: list, choice: str, parallel: bool, legacy: bool = False,
+              field: str = "tool_choice") -> ToolSpec | None:
+    """Every API's tools end here. None means "send no tool description": no tools, or choice
+    "none". The caller then runs no ToolCallReader either (a model imitating the format would
+    otherwise make calls the client never offered); the history still shows earlier calls."""
+    names: set = set()
+    for t in tools:
+        if t.name in names:
+            raise _bad(f"'tools' holds two functions named {t.name!r}; names must be unique.")
+        names.add(t.name)
     if not tools:
         if choice not in ("auto", "none"):
             raise _bad(f"'{field}' asks for a tool call but the request has no 'tools'.")
         return None
     if choice == "none":
         return None
-    legacy = raw_tools is None and raw_functions is not None
     return ToolSpec(tuple(tools), choice, parallel and not legacy, frozenset(names), legacy)
 
 
@@ -2174,11 +2383,11 @@ def tool_prompt(spec: ToolSpec) -> str:
     lines = ["# Tools", "",
              "You can call the following tools (functions). Each is listed with its name, what it "
              "does, and the JSON Schema of its arguments.", ""]
-    for name, desc, params in spec.tools:
-        lines.append(f"## {name}")
-        if desc.strip():
-            lines.append(desc.strip())
-        lines.append("Arguments schema: " + json_text(params))
+    for t in spec.tools:
+        lines.append(f"## {t.name}")
+        if t.description.strip():
+            lines.append(t.description.strip())
+        lines.append("Arguments schema: " + json_text(t.parameters))
         lines.append("")
     lines += [
         "# How to call a tool", "",
@@ -2206,140 +2415,6 @@ def tool_prompt(spec: ToolSpec) -> str:
     else:
         lines.append(f"In this answer you MUST call the tool \"{spec.choice}\".")
     return "\n".join(lines)
-
-
-def _call_block(name: str, arguments) -> str:
-    """The block the model is asked to write; used to show it its own earlier calls."""
-    return f"{TOOL_OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{TOOL_CLOSE}"
-
-
-def _arguments_value(text: str):
-    """A call's arguments text as the JSON value to show in a block (clients send "" for none)."""
-    if not text.strip():
-        return {}
-    try:
-        return _loads(text)
-    except ValueError:
-        return text             # shown as a JSON string: the model still sees what it sent
-
-
-def _text_and_other_parts(content, field: str) -> tuple[str, list]:
-    """Message content -> (its text, its non-text parts kept for the bridge's attachment code)."""
-    if isinstance(content, str):
-        return content, []
-    texts, other = [], []
-    for j, part in enumerate(content_parts(content, field)):
-        if isinstance(part, str):
-            texts.append(part)
-        elif not isinstance(part, dict):
-            raise _bad(f"'{field}[{j}]' must be an object (got {_describe(part)}).")
-        elif part.get("type") in ("text", "input_text", "output_text"):
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise _bad(f"'{field}[{j}].text' must be a string (got {_describe(text)}).")
-            texts.append(text)
-        elif part.get("type") == "refusal":
-            texts.append(str(part.get("refusal") or ""))
-        else:
-            other.append(part)  # images, files: content_to_text validates and uploads them
-    # Joined like content_to_text does, so a message reads the same with or without tools.
-    return "\n\n".join(t for t in texts if t) if len(texts) > 1 else "".join(texts), other
-
-
-def _with_parts(text: str, other: list):
-    return text if not other else [{"type": "text", "text": text}] + other
-
-
-def _attr(value: str) -> str:
-    return html.escape(value, quote=True)
-
-
-def _history_call(fn, field: str) -> tuple[str, str]:
-    """(name, arguments text) of a call in the history (`tool_calls[k].function` or `function_call`)."""
-    if not isinstance(fn, dict):
-        raise _bad(f"'{field}' must be an object with 'name' and 'arguments'.")
-    name, args = fn.get("name"), fn.get("arguments", "")
-    if not isinstance(name, str) or not name:
-        raise _bad(f"'{field}.name' must be a string (got {_describe(name)}).")
-    if not isinstance(args, str):
-        raise _bad(f"'{field}.arguments' must be a string of JSON (got {_describe(args)}).")
-    return name, args
-
-
-def tool_history_text(messages) -> list:
-    """OpenAI history with tool calls and results -> plain user/assistant/system messages.
-
-    An assistant message's tool_calls become `<tool_call>` blocks after its text, so the model
-    sees its own format; tool (and legacy function) results become user messages of
-    `<tool_result name=".." id="..">` blocks. Consecutive results are merged into one user message
-    (they answer one assistant turn, and LMArena folds the history anyway). Other messages pass
-    through unchanged (the same objects).
-    """
-    if not isinstance(messages, list):
-        raise _bad(f"'messages' must be an array (got {_describe(messages)}).")
-    names_by_id: dict[str, str] = {}
-    out: list = []
-    results: list[str] = []          # the pending run of tool results
-    result_parts: list = []
-
-    def flush():
-        if results:
-            out.append({"role": "user", "content": _with_parts("\n".join(results), result_parts[:])})
-            results.clear()
-            result_parts.clear()
-
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise _bad(f"'messages[{i}]' must be an object (got {_describe(msg)}).")
-        role = msg.get("role")
-        if role in ("tool", "function"):
-            if role == "tool":
-                call_id = msg.get("tool_call_id")
-                if not isinstance(call_id, str):
-                    raise _bad(f"'messages[{i}].tool_call_id' must be a string "
-                               f"(got {_describe(call_id)}).")
-                name = msg.get("name") if isinstance(msg.get("name"), str) else None
-                name = names_by_id.get(call_id, name)
-            else:
-                call_id, name = None, msg.get("name")
-                if not isinstance(name, str):
-                    raise _bad(f"'messages[{i}].name' must be a string (got {_describe(name)}).")
-            text, other = _text_and_other_parts(msg.get("content"), f"messages[{i}].content")
-            attrs = (f' name="{_attr(name)}"' if name else "") + (f' id="{_attr(call_id)}"'
-                                                                  if call_id else "")
-            results.append(f"<tool_result{attrs}>\n{text}\n</tool_result>")
-            result_parts.extend(other)
-            continue
-        flush()
-        calls = msg.get("tool_calls")
-        legacy = msg.get("function_call")
-        if role != "assistant" or (calls is None and legacy is None):
-            out.append(msg)
-            continue
-        blocks = []
-        if calls is not None:
-            if not isinstance(calls, list):
-                raise _bad(f"'messages[{i}].tool_calls' must be an array (got {_describe(calls)}).")
-            for k, call in enumerate(calls):
-                field = f"messages[{i}].tool_calls[{k}]"
-                if not isinstance(call, dict):
-                    raise _bad(f"'{field}' must be an object (got {_describe(call)}).")
-                call_id = call.get("id")
-                if call_id is not None and not isinstance(call_id, str):
-                    raise _bad(f"'{field}.id' must be a string (got {_describe(call_id)}).")
-                name, args = _history_call(call.get("function"), f"{field}.function")
-                if call_id:
-                    names_by_id[call_id] = name
-                blocks.append(_call_block(name, _arguments_value(args)))
-        if legacy is not None:
-            name, args = _history_call(legacy, f"messages[{i}].function_call")
-            blocks.append(_call_block(name, _arguments_value(args)))
-        text, other = _text_and_other_parts(msg.get("content"), f"messages[{i}].content")
-        text = "\n\n".join(t for t in (text.strip(), "\n".join(blocks)) if t)
-        rest = {k: v for k, v in msg.items() if k not in ("tool_calls", "function_call", "content")}
-        out.append({**rest, "content": _with_parts(text, other)})
-    flush()
-    return out
 
 
 # -- Reading calls out of the model's text -----------------------------------------------------
@@ -2498,345 +2573,6 @@ class ToolCallReader:
                                          "arguments": parsed[1]}))
 
 
-# -- OpenAI output -----------------------------------------------------------------------------
-
-def openai_tool_call_delta(index: int, call: dict) -> list[dict]:
-    """The `delta.tool_calls` items for one call: id and name first, then the arguments."""
-    return [{"index": index, "id": call["id"], "type": "function",
-             "function": {"name": call["name"], "arguments": ""}},
-            {"index": index, "function": {"arguments": call["arguments"]}}]
-
-
-def openai_message_tool_calls(calls: list) -> list:
-    """`message.tool_calls` of a non-streaming answer."""
-    return [{"id": c["id"], "type": "function",
-             "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
-
-
-# -- Anthropic Messages API: request -----------------------------------------------------------
-
-def _anthropic_text(value, field: str) -> str:
-    """A string, or a list of text blocks (system prompts, tool results, document content)."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise _bad(f"{field}: must be a string or an array of text blocks (got {_describe(value)}).")
-    texts = []
-    for j, block in enumerate(value):
-        if not isinstance(block, dict) or block.get("type") != "text":
-            raise _bad(f"{field}.{j}: must be a text block ({{\"type\": \"text\", \"text\": ...}}).")
-        if not isinstance(block.get("text"), str):
-            raise _bad(f"{field}.{j}.text: must be a string.")
-        texts.append(block["text"])
-    return "\n\n".join(t for t in texts if t)
-
-
-def _anthropic_image(block: dict, field: str) -> dict:
-    src = block.get("source")
-    if not isinstance(src, dict):
-        raise _bad(f"{field}.source: must be an object.")
-    kind = src.get("type")
-    if kind == "base64":
-        mime, data = src.get("media_type"), src.get("data")
-        if not isinstance(mime, str) or not mime:
-            raise _bad(f"{field}.source.media_type: must be a string such as \"image/png\".")
-        if not isinstance(data, str):
-            raise _bad(f"{field}.source.data: must be a base64 string.")
-        return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
-    if kind == "url":
-        url = src.get("url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise _bad(f"{field}.source.url: must be an http(s) URL.")
-        return {"type": "image_url", "image_url": {"url": url}}
-    raise _bad(f"{field}.source.type: {kind!r} is not supported (use \"base64\" or \"url\").")
-
-
-def _anthropic_document(block: dict, field: str, number: int) -> dict:
-    src = block.get("source")
-    if not isinstance(src, dict):
-        raise _bad(f"{field}.source: must be an object.")
-    title = block.get("title")
-    title = title if isinstance(title, str) and title.strip() else None
-    kind = src.get("type")
-    if kind == "base64":
-        mime, data = src.get("media_type") or "application/pdf", src.get("data")
-        if not isinstance(mime, str):
-            raise _bad(f"{field}.source.media_type: must be a string such as \"application/pdf\".")
-        if not isinstance(data, str):
-            raise _bad(f"{field}.source.data: must be a base64 string.")
-        ext = ".pdf" if mime == "application/pdf" else (mimetypes.guess_extension(mime) or ".bin")
-        # LMArena shows the file name; a title without an extension would hide the file's type.
-        name = (title if "." in title else title + ext) if title else f"document_{number}{ext}"
-        return {"type": "file", "file": {"file_data": f"data:{mime};base64,{data}",
-                                         "filename": name}}
-    if kind in ("text", "content"):
-        if kind == "text":
-            text = src.get("data")
-            if not isinstance(text, str):
-                raise _bad(f"{field}.source.data: must be a string.")
-        else:
-            text = _anthropic_text(src.get("content"), f"{field}.source.content")
-        return {"type": "text", "text": f"{title}\n\n{text}" if title else text}
-    raise _bad(f"{field}.source.type: {kind!r} is not supported through LMArena (send documents as "
-               "\"base64\" or \"text\").")
-
-
-def _anthropic_tool_result(block: dict, field: str) -> dict:
-    call_id = block.get("tool_use_id")
-    if not isinstance(call_id, str) or not call_id:
-        raise _bad(f"{field}.tool_use_id: must be a string.")
-    content = block.get("content")
-    texts, parts = [], []
-    if content is None:
-        pass
-    elif isinstance(content, str):
-        texts.append(content)
-    elif isinstance(content, list):
-        for j, inner in enumerate(content):
-            sub = f"{field}.content.{j}"
-            kind = inner.get("type") if isinstance(inner, dict) else None
-            if kind == "text":
-                if not isinstance(inner.get("text"), str):
-                    raise _bad(f"{sub}.text: must be a string.")
-                texts.append(inner["text"])
-            elif kind == "image":
-                parts.append(_anthropic_image(inner, sub))
-            elif kind == "document":
-                doc = _anthropic_document(inner, sub, j + 1)
-                if doc["type"] == "text":
-                    texts.append(doc["text"])
-                else:
-                    parts.append(doc)
-            else:
-                raise _bad(f"{sub}.type: {kind!r} is not supported in a tool_result (use text, "
-                           "image or document).")
-    else:
-        raise _bad(f"{field}.content: must be a string or an array of blocks.")
-    text = "\n\n".join(t for t in texts if t)
-    if block.get("is_error") is True:
-        text = "Error: " + text
-    return {"role": "tool", "tool_call_id": call_id,
-            "content": [{"type": "text", "text": text}] + parts if parts else text}
-
-
-def anthropic_to_openai(body: dict, *, require_max_tokens: bool = True) -> dict:
-    """A /v1/messages request -> an OpenAI chat request the bridge already serves.
-
-    Errors name fields the way Anthropic does ("messages.1.content.0.source: ..."), so Anthropic
-    client authors recognise them. require_max_tokens=False serves /v1/messages/count_tokens,
-    whose requests carry no max_tokens.
-    """
-    if not isinstance(body, dict):
-        raise _bad("The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _bad("model: Field required (a model name from GET /v1/models).")
-    out: dict = {"model": model}
-    if "max_tokens" in body or require_max_tokens:
-        mt = body.get("max_tokens")
-        if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
-            raise _bad("max_tokens: Field required, a positive integer." if mt is None else
-                       f"max_tokens: must be a positive integer (got {mt!r}).")
-        out["max_tokens"] = mt      # passed on; LMArena has no such limit, the bridge ignores it
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _bad("stream: must be true or false.")
-    out["stream"] = stream
-
-    messages: list = []
-    system = body.get("system")
-    if system is not None:
-        text = _anthropic_text(system, "system")
-        if text:
-            messages.append({"role": "system", "content": text})
-
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise _bad("messages: must be a non-empty array.")
-    documents = 0
-    for i, msg in enumerate(raw):
-        field = f"messages.{i}"
-        if not isinstance(msg, dict):
-            raise _bad(f"{field}: must be an object with 'role' and 'content'.")
-        role, content = msg.get("role"), msg.get("content")
-        if role not in ("user", "assistant"):
-            raise _bad(f"{field}.role: must be \"user\" or \"assistant\" (got {role!r}; the system "
-                       "prompt goes in the top-level 'system' field).")
-        if isinstance(content, str):
-            messages.append({"role": role, "content": content})
-            continue
-        if not isinstance(content, list):
-            raise _bad(f"{field}.content: must be a string or an array of content blocks.")
-        parts, calls, results = [], [], []
-        for j, block in enumerate(content):
-            sub = f"{field}.content.{j}"
-            kind = block.get("type") if isinstance(block, dict) else None
-            if not isinstance(block, dict):
-                raise _bad(f"{sub}: must be an object with a 'type'.")
-            if kind == "text":
-                if not isinstance(block.get("text"), str):
-                    raise _bad(f"{sub}.text: must be a string.")
-                parts.append({"type": "text", "text": block["text"]})
-            elif kind in ("thinking", "redacted_thinking"):
-                continue            # earlier reasoning is not shown again (and cannot be verified)
-            elif kind == "image" and role == "user":
-                parts.append(_anthropic_image(block, sub))
-            elif kind == "document" and role == "user":
-                documents += 1
-                parts.append(_anthropic_document(block, sub, documents))
-            elif kind == "tool_use" and role == "assistant":
-                call_id, name, inp = block.get("id"), block.get("name"), block.get("input", {})
-                if not isinstance(call_id, str) or not call_id:
-                    raise _bad(f"{sub}.id: must be a string.")
-                if not isinstance(name, str) or not name:
-                    raise _bad(f"{sub}.name: must be a string.")
-                if not isinstance(inp, dict):
-                    raise _bad(f"{sub}.input: must be an object.")
-                calls.append({"id": call_id, "type": "function",
-                              "function": {"name": name,
-                                           "arguments": json.dumps(inp, ensure_ascii=False)}})
-            elif kind == "tool_result" and role == "user":
-                results.append(_anthropic_tool_result(block, sub))
-            else:
-                raise _bad(f"{sub}.type: {kind!r} blocks are not supported in {role} messages.")
-        # Tool results answer the previous assistant turn, so they go first (Anthropic requires
-        # them first in the message anyway); any other blocks follow as one user message.
-        messages.extend(results)
-        if role == "assistant":
-            text = "\n\n".join(p["text"] for p in parts if p["text"]) if len(parts) > 1 else (
-                parts[0]["text"] if parts else "")
-            if calls:
-                messages.append({"role": "assistant", "content": text or None, "tool_calls": calls})
-            elif parts or not content:
-                messages.append({"role": "assistant", "content": text})
-            # an assistant turn of thinking blocks only adds nothing
-        elif parts or not (content or results):
-            messages.append({"role": "user", "content": parts})
-
-    tools = body.get("tools")
-    names: set = set()
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise _bad("tools: must be an array.")
-        converted = []
-        for i, tool in enumerate(tools):
-            field = f"tools.{i}"
-            if not isinstance(tool, dict):
-                raise _bad(f"{field}: must be an object with 'name' and 'input_schema'.")
-            kind = tool.get("type")
-            schema = tool.get("input_schema")
-            if kind not in (None, "custom") and schema is None:
-                raise _bad(f"{field}.type: {kind!r} is a server tool Anthropic runs itself; it is "
-                           "not available through LMArena.")
-            name = tool.get("name")
-            if not isinstance(name, str) or not _TOOL_NAME_RE.match(name):
-                raise _bad(f"{field}.name: must be 1 to 64 letters, digits, '_', '.' or '-' "
-                           f"(got {name!r}).")
-            if not isinstance(schema, dict):
-                raise _bad(f"{field}.input_schema: must be a JSON Schema object.")
-            desc = tool.get("description", "")
-            if desc is not None and not isinstance(desc, str):
-                raise _bad(f"{field}.description: must be a string.")
-            names.add(name)
-            converted.append({"type": "function", "function": {"name": name,
-                                                               "description": desc or "",
-                                                               "parameters": schema}})
-        if converted:
-            out["tools"] = converted
-
-    choice = body.get("tool_choice")
-    parallel = True
-    if choice is not None:
-        if not isinstance(choice, dict):
-            raise _bad("tool_choice: must be an object such as {\"type\": \"auto\"}.")
-        kind = choice.get("type")
-        if kind == "auto":
-            out["tool_choice"] = "auto"
-        elif kind == "any":
-            out["tool_choice"] = "required"
-        elif kind == "none":
-            out["tool_choice"] = "none"
-        elif kind == "tool":
-            name = choice.get("name")
-            if not isinstance(name, str) or name not in names:
-                raise _bad(f"tool_choice.name: {name!r} is not one of the request's tools.")
-            out["tool_choice"] = {"type": "function", "function": {"name": name}}
-        else:
-            raise _bad(f"tool_choice.type: must be \"auto\", \"any\", \"tool\" or \"none\" "
-                       f"(got {kind!r}).")
-        if choice.get("disable_parallel_tool_use") is True:
-            parallel = False
-    if body.get("disable_parallel_tool_use") is True:   # lenient: some clients put it at top level
-        parallel = False
-    if not parallel:
-        out["parallel_tool_calls"] = False
-
-    stops = body.get("stop_sequences")
-    if stops is not None:
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise _bad("stop_sequences: must be an array of strings.")
-        stops = [s for s in stops if s]
-        if stops:
-            out["stop"] = stops
-    out["messages"] = messages
-    return out
-
-
-def count_input_tokens(body: dict) -> int:
-    """Rough input tokens of a /v1/messages (or count_tokens) body, the bridge's chars/4 rule.
-
-    Counted over what the bridge would send: the tool instructions, the history with calls and
-    results as text, and a flat _ATTACHMENT_TOKENS per image or file.
-    """
-    data = anthropic_to_openai(body, require_max_tokens=False)
-    chars, attachments = 0, 0
-    spec = parse_tools(data)
-    if spec is not None:
-        chars += len(tool_prompt(spec))
-    for msg in tool_history_text(data["messages"]):
-        content = msg.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            for part in content:
-                if part.get("type") == "text":
-                    chars += len(part.get("text") or "")
-                else:
-                    attachments += 1
-    return (chars + 3) // 4 + attachments * _ATTACHMENT_TOKENS
-
-
-# -- Anthropic Messages API: answers -----------------------------------------------------------
-
-_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                          403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-                          429: "rate_limit_error", 500: "api_error", 502: "api_error",
-                          504: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
-
-
-def anthropic_error_type(status: int) -> str:
-    return _ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500
-                                      else "api_error")
-
-
-def anthropic_error_body(err: ApiError) -> dict:
-    return {"type": "error", "error": {"type": anthropic_error_type(err.status),
-                                       "message": err.message}}
-
-
-def anthropic_stop_reason(openai_finish: str | None, stop_sequence: str | None = None) -> str:
-    """OpenAI finish_reason -> Anthropic stop_reason ("stop_sequence" whenever one was hit)."""
-    if stop_sequence is not None:
-        return "stop_sequence"
-    # content_filter: Anthropic's newer "refusal" is unknown to older clients; end_turn is safe.
-    return {"length": "max_tokens", "tool_calls": "tool_use"}.get(openai_finish or "", "end_turn")
-
-
-def anthropic_tool_id(call_id: str) -> str:
-    """Anthropic ids start with "toolu_"; a reader made with id_prefix="toolu_" needs no change."""
-    return call_id if call_id.startswith("toolu_") else "toolu_" + call_id.removeprefix("call_")
-
-
 class StopSequenceFilter:
     """Cuts the answer at the first stop sequence, across chunk boundaries.
 
@@ -2878,272 +2614,23 @@ class StopSequenceFilter:
         return "" if self.hit is not None else rest
 
 
-class AnthropicEvents:
-    """Renders a streamed Anthropic answer as SSE text (`event: <type>` + `data: <JSON>`).
+# 10. Replies ======================================================================================
 
-    Blocks are opened on demand and numbered from 0 in order: text and thinking are extended
-    while they stay the open block; switching kinds closes the open block first; a tool_use block
-    is complete in one go (start, one input_json_delta, stop).
-    """
-
-    __slots__ = ("message_id", "model", "input_tokens", "index", "open")
-
-    def __init__(self, message_id: str, model: str, input_tokens: int):
-        self.message_id, self.model, self.input_tokens = message_id, model, input_tokens
-        self.index = -1           # the index of the last block opened
-        self.open: str | None = None  # "text" | "thinking" while a block is open
-
-    @staticmethod
-    def event(obj: dict) -> str:
-        return f"event: {obj['type']}\ndata: {json_text(obj)}\n\n"
-
-    def start(self) -> str:
-        return self.event({"type": "message_start", "message": {
-            "id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
-            "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": self.input_tokens, "output_tokens": 0}}})
-
-    def _close(self) -> str:
-        if self.open is None:
-            return ""
-        self.open = None
-        return self.event({"type": "content_block_stop", "index": self.index})
-
-    def _open(self, block: dict) -> str:
-        out = self._close()
-        self.index += 1
-        self.open = block["type"]
-        return out + self.event({"type": "content_block_start", "index": self.index,
-                                 "content_block": block})
-
-    def text(self, s: str) -> str:
-        if not s:
-            return ""
-        out = "" if self.open == "text" else self._open({"type": "text", "text": ""})
-        return out + self.event({"type": "content_block_delta", "index": self.index,
-                                 "delta": {"type": "text_delta", "text": s}})
-
-    def thinking(self, s: str) -> str:
-        if not s:
-            return ""
-        out = "" if self.open == "thinking" else self._open(
-            {"type": "thinking", "thinking": "", "signature": ""})
-        return out + self.event({"type": "content_block_delta", "index": self.index,
-                                 "delta": {"type": "thinking_delta", "thinking": s}})
-
-    def tool_use(self, call: dict) -> str:
-        out = self._open({"type": "tool_use", "id": anthropic_tool_id(call["id"]),
-                          "name": call["name"], "input": {}})
-        out += self.event({"type": "content_block_delta", "index": self.index,
-                           "delta": {"type": "input_json_delta", "partial_json": call["arguments"]}})
-        self.open = None
-        return out + self.event({"type": "content_block_stop", "index": self.index})
-
-    def finish(self, stop_reason: str, stop_sequence: str | None, output_tokens: int) -> str:
-        return (self._close()
-                + self.event({"type": "message_delta",
-                              "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                              "usage": {"output_tokens": output_tokens}})
-                + self.event({"type": "message_stop"}))
-
-    def ping(self) -> str:
-        return self.event({"type": "ping"})
-
-    @staticmethod
-    def error(err: ApiError) -> str:
-        return AnthropicEvents.event(anthropic_error_body(err))
+def estimate_tokens(chars: int) -> int:
+    """A rough estimate (about 4 characters per token); LMArena's own usage wins when it sends one."""
+    return (chars + 3) // 4
 
 
-def anthropic_message(message_id: str, model: str, text: str, thinking: str, calls: list,
-                      stop_reason: str, stop_sequence: str | None, input_tokens: int,
-                      output_tokens: int) -> dict:
-    """A non-streaming /v1/messages answer: thinking, then text, then tool_use blocks."""
-    content: list = []
-    if thinking:
-        content.append({"type": "thinking", "thinking": thinking, "signature": ""})
-    if text.strip() or (text and not calls):
-        content.append({"type": "text", "text": text})
-    for call in calls:
-        content.append({"type": "tool_use", "id": anthropic_tool_id(call["id"]),
-                        "name": call["name"], "input": json.loads(call["arguments"])})
-    return {"id": message_id, "type": "message", "role": "assistant", "model": model,
-            "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
+def citations_markdown(sources: list[dict]) -> str:
+    lines = []
+    for s in sources:
+        title = s.get("title")
+        lines.append(f"- [{title}]({s['url']})" if isinstance(title, str) and title else f"- {s['url']}")
+    return "\n\nSources:\n" + "\n".join(lines)
 
 
-# 9. Jobs and replies: tab events -> answer events -> what the client gets (pure, no sockets) =========
-
-class Job:
-    """One client request's work on the tabs: the task sent to a tab (again, with fresh ids, when an
-    attempt fails before any output and a retry can help), and the answer events it produces.
-
-    It only accumulates: answer events wait in `events` until the request's Reply takes them;
-    `bridge` is told when there is something to take (`dirty`) and when an attempt failed."""
-
-    __slots__ = ("bridge", "id", "rid", "model", "plan", "side", "parser", "events", "tab", "tab_name",
-                 "attempt", "received", "output", "done", "error", "finish_reason", "usage",
-                 "client_gone", "wake", "last_activity", "dispatcher", "completion_chars", "limit",
-                 "stages", "message", "cooled", "sink", "images")
-
-    def __init__(self, bridge, model: str, plan, side: str = "a", limit: int = 64 * 2**20):
-        self.bridge = bridge
-        self.id = str(uuid.uuid4())
-        self.rid = self.id                      # request id of the current attempt
-        self.model, self.plan, self.side, self.limit = model, plan, side, limit
-        self.parser = ArenaStreamParser(side)
-        self.events: list = []
-        self.tab = None
-        self.tab_name = "-"
-        self.attempt = 0
-        self.received = self.output = self.done = self.client_gone = False
-        self.error: ApiError | None = None
-        self.finish_reason = "stop"
-        self.usage = None
-        self.completion_chars = 0
-        self.wake = asyncio.Event()
-        self.last_activity = time.monotonic()
-        self.dispatcher = None
-        self.stages: dict[str, float] = {"start": time.monotonic()}
-        self.message = plan.task_message(self.rid, {}) if plan is not None else ""
-        self.cooled: set = set()                # tabs that refused this job (429, reCAPTCHA)
-        self.sink = None                        # set by a streaming route: takes events as they come
-        self.images: list = []                  # image events (for /v1/images/generations)
-
-    # -- from the tab --
-    def on_tab_data(self, data) -> None:
-        if self.done:
-            return
-        self.last_activity = time.monotonic()
-        if not self.received:
-            self.received = True
-            self.stages.setdefault("first_byte", self.last_activity)
-            self.wake.set()
-        if type(data) is str:
-            if data == "[DONE]":
-                self._take(self.parser.close())
-                if not self.done:
-                    self.complete()
-            else:
-                self._take(self.parser.feed(data))
-        elif isinstance(data, dict) and "error" in data:
-            self.on_error(tab_error(data))
-        else:
-            log.debug("task %s: unexpected data of type %s ignored", self.id[:8], type(data).__name__)
-
-    def on_stage(self, name: str) -> None:
-        if name in ("token_ready", "upstream_headers"):
-            self.stages.setdefault(name, time.monotonic())
-
-    def _take(self, events: list) -> None:
-        for ev in events:
-            kind = ev[0]
-            if kind == "error":
-                self.on_error(ev[1])
-                return
-            if kind == "finish":
-                self.finish_reason, self.usage = ev[1], ev[2]
-                self.complete()
-                return
-            if kind == "image":
-                self.images.append(ev)
-                ev = ("text", None, ("\n\n" if self.completion_chars else "") + image_markdown(ev[1]))
-            if kind != "reasoning":
-                self.completion_chars += len(ev[2])
-                if self.completion_chars > self.limit:
-                    self.fail(ApiError(502, f"The answer is larger than the bridge keeps ({self.limit} "
-                                       "characters, max_answer_chars).", "upstream_error"))
-                    return
-            self.events.append(ev)
-            if not self.output:
-                self.output = True
-                self.bridge.first_output = True
-                self.stages.setdefault("first_token", time.monotonic())
-        if events:
-            self.bridge.dirty.add(self)
-
-    def on_error(self, err: ApiError) -> None:
-        """An attempt failed: the bridge may retry it (before any output), else the job fails."""
-        if self.done:
-            return
-        if self.output:
-            self.bridge.note_upstream_error(self.tab, err)
-        elif self.bridge.retry_job(self, err):
-            return
-        self.fail(err, tell_tab=False)
-
-    def take(self) -> list:
-        events, self.events = self.events, []
-        return events
-
-    async def woken(self, seconds: float) -> None:
-        """Wait for news of this job (wake), or `seconds`. A timer that sets wake costs a third of
-        asyncio.timeout's machinery, and this runs for every request; callers check the time."""
-        self.wake.clear()
-        timer = asyncio.get_running_loop().call_later(seconds, self.wake.set)
-        try:
-            await self.wake.wait()
-        finally:
-            timer.cancel()
-
-    def next_attempt(self, flags: dict) -> None:
-        """Rebuild the task with fresh ids for another attempt (the old one is over)."""
-        self.attempt += 1
-        self.rid = f"{self.id}.{self.attempt}"
-        self.parser = ArenaStreamParser(self.side)
-        self.received = False
-        self.message = self.plan.task_message(self.rid, flags)
-
-    def idle_left(self, timeout: float, now: float) -> float:
-        """Seconds left before stream_response_timeout_seconds; at 0 the job fails with 504."""
-        if self.tab is None:          # still waiting for a tab: the dispatcher owns that deadline
-            self.last_activity = now
-        left = self.last_activity + timeout - now
-        if left <= 0:
-            self.fail(ApiError(504, f"LMArena sent nothing for {timeout:g} s "
-                               "(stream_response_timeout_seconds).", "upstream_timeout"))
-        return left
-
-    # -- endings --
-    def complete(self) -> None:
-        if self.done:
-            return
-        if self.parser.citations:
-            self._take([("text", None, citations_markdown(self.parser.citations))])
-        self._end()
-
-    def fail(self, err: ApiError, tell_tab: bool = True) -> None:
-        if self.done:
-            return
-        self.error = err
-        if tell_tab and self.tab is not None:
-            self.tab.abort(self.rid)
-        self._end()
-
-    def stop_early(self) -> None:
-        """The answer is complete on our side (a stop sequence): stop the tab, end normally."""
-        if not self.done:
-            if self.tab is not None:
-                self.tab.abort(self.rid)
-            self.finish_reason = "stop"
-            self._end()
-
-    def on_client_gone(self) -> None:
-        self.client_gone = True
-        if self.done:
-            return
-        if self.tab is not None:
-            self.tab.abort(self.rid)
-        self._end()
-
-    def _end(self) -> None:
-        self.done = True
-        self.stages.setdefault("end", time.monotonic())
-        if self.tab is not None:
-            self.tab.jobs.pop(self.rid, None)
-        if self.dispatcher is not None and not self.dispatcher.done():
-            self.dispatcher.cancel()
-        self.bridge.job_ended(self)
-        self.wake.set()
+def image_markdown(url: str) -> str:
+    return f"![Image]({url})"
 
 
 class Reply:
@@ -3256,10 +2743,347 @@ class Reply:
 
     def answer_key(self) -> str:
         """What a client will send back as this answer, for the continuation memory."""
-        return answer_fingerprint(self.answer.hexdigest(), self.calls)
+        return answer_fingerprint(self.answer.hexdigest(),
+                                  [(c["name"], c["arguments"], c.get("custom", False)) for c in self.calls])
 
     def headers(self) -> list:
         return []
+
+
+# 11. OpenAI chat completions ======================================================================
+
+# -- Request: /v1/chat/completions -> Conversation -----------------------------------------------
+
+def content_parts(content, where: str) -> list:
+    """Message content as a list of parts: None is none, a string or one object is one."""
+    if content is None:
+        return []
+    if isinstance(content, (str, dict)):
+        return [content]
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where} must be a string or a list of parts", "invalid_content")
+    return content
+
+
+def _object_field(part: dict, key: str, where: str) -> dict:
+    value = part.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, f"{where}.{key} must be an object", "invalid_content")
+    return value
+
+
+def content_to_text(content, files: Attachments, where: str = "content") -> tuple[str, list]:
+    """OpenAI message content (a string or a list of parts: text, image_url, input_audio, file,
+    refusal; the Responses API's input_text, output_text, input_image, input_file too) -> (text,
+    attachments). Several text parts are joined with a blank line."""
+    if isinstance(content, str):
+        return content, []
+    texts, found = [], []
+    for i, part in enumerate(content_parts(content, where)):
+        at = f"{where}[{i}]"
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise ApiError(400, f"{at} must be an object", "invalid_content")
+        kind = part.get("type")
+        if kind in ("text", "input_text", "output_text"):
+            text = part.get("text")
+            if text is not None and not isinstance(text, str):
+                raise ApiError(400, f"{at}.text must be a string", "invalid_content")
+            texts.append(text or "")
+        elif kind in ("image_url", "input_image"):
+            ref = part.get("image_url")
+            url = ref.get("url") if isinstance(ref, dict) else ref
+            if not isinstance(url, str):
+                raise ApiError(400, f"{at}.image_url{'.url' if kind == 'image_url' else ''} must be a string "
+                               "(a data: or http(s) URL)", "invalid_content")
+            found.append(files.add(url, None, None, "image"))
+        elif kind == "input_audio":
+            audio = _object_field(part, "input_audio", at)
+            data, fmt = audio.get("data"), audio.get("format") or "wav"
+            if not isinstance(data, str):
+                raise ApiError(400, f"{at}.input_audio.data must be a base64 string", "invalid_content")
+            if not isinstance(fmt, str) or not re.fullmatch(r"[A-Za-z0-9]{1,10}", fmt):
+                raise ApiError(400, f"{at}.input_audio.format must be a short name like \"wav\"",
+                               "invalid_content")
+            fmt = fmt.lower()
+            mime = _AUDIO_TYPES.get(fmt, f"audio/{fmt}")
+            url = data if data.startswith("data:") else f"data:{mime};base64,{data}"
+            found.append(files.add(url, None, mime, "audio", "wav" if fmt == "pcm16" else fmt))
+        elif kind in ("file", "input_file"):
+            f = _object_field(part, "file", at) if kind == "file" else part
+            data, name = f.get("file_data"), f.get("filename")
+            if not isinstance(data, str):
+                raise ApiError(400, f"{at}{'.file' if kind == 'file' else ''}.file_data must be a string (a data "
+                               "URL or base64); file_id is not supported", "invalid_content")
+            if name is not None and not isinstance(name, str):
+                raise ApiError(400, f"{at}.file.filename must be a string", "invalid_content")
+            found.append(files.file(data, name))
+        elif kind == "refusal":
+            refusal = part.get("refusal")
+            texts.append(refusal if isinstance(refusal, str) else "")
+        else:
+            raise ApiError(400, f"{at}: unsupported content part type {shown(kind, 40)}", "invalid_content")
+    return "\n\n".join(t for t in texts if t) if len(texts) > 1 else "".join(texts), found
+
+
+def _history_call(fn, field: str, call_id) -> Call:
+    """A call in the history (`tool_calls[k].function` or the legacy `function_call`)."""
+    if not isinstance(fn, dict):
+        raise _bad(f"'{field}' must be an object with 'name' and 'arguments'.")
+    name, args = fn.get("name"), fn.get("arguments", "")
+    if not isinstance(name, str) or not name:
+        raise _bad(f"'{field}.name' must be a string (got {_describe(name)}).")
+    if not isinstance(args, str):
+        raise _bad(f"'{field}.arguments' must be a string of JSON (got {_describe(args)}).")
+    return Call(call_id or "", name, args)
+
+
+def openai_turns(messages: list, files: Attachments) -> list:
+    """OpenAI chat messages -> turns. developer is system; tool (and legacy function) messages are
+    results, named after the call they answer; an assistant's tool_calls are its calls."""
+    names_by_id: dict[str, str] = {}
+    turns: list[Turn] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", "invalid_messages")
+        role, where = msg.get("role"), f"messages[{i}].content"
+        if role == "tool":
+            call_id = msg.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise _bad(f"'messages[{i}].tool_call_id' must be a string (got {_describe(call_id)}).")
+            name = msg.get("name") if isinstance(msg.get("name"), str) else None
+            text, found = content_to_text(msg.get("content"), files, where)
+            turns.append(Turn("tool", text, found, call_id=call_id, name=names_by_id.get(call_id, name)))
+        elif role == "function":
+            name = msg.get("name")
+            if not isinstance(name, str):
+                raise _bad(f"'messages[{i}].name' must be a string (got {_describe(name)}).")
+            text, found = content_to_text(msg.get("content"), files, where)
+            turns.append(Turn("tool", text, found, name=name))
+        elif role in ("system", "developer", "user"):
+            text, found = content_to_text(msg.get("content"), files, where)
+            turns.append(Turn("system" if role == "developer" else role, text, found))
+        elif role == "assistant":
+            calls = []
+            raw, legacy = msg.get("tool_calls"), msg.get("function_call")
+            if raw is not None:
+                if not isinstance(raw, list):
+                    raise _bad(f"'messages[{i}].tool_calls' must be an array (got {_describe(raw)}).")
+                for k, call in enumerate(raw):
+                    field = f"messages[{i}].tool_calls[{k}]"
+                    if not isinstance(call, dict):
+                        raise _bad(f"'{field}' must be an object (got {_describe(call)}).")
+                    call_id = call.get("id")
+                    if call_id is not None and not isinstance(call_id, str):
+                        raise _bad(f"'{field}.id' must be a string (got {_describe(call_id)}).")
+                    calls.append(_history_call(call.get("function"), f"{field}.function", call_id))
+                    if call_id:
+                        names_by_id[call_id] = calls[-1].name
+            if legacy is not None:
+                calls.append(_history_call(legacy, f"messages[{i}].function_call", None))
+            text, found = content_to_text(msg.get("content"), files, where)
+            turns.append(Turn("assistant", text, found, tuple(calls)))
+        else:
+            raise ApiError(400, f"messages[{i}].role {shown(role, 40)} is not supported", "invalid_messages")
+    return turns
+
+
+def _check_tool_name(name, field: str) -> str:
+    if not isinstance(name, str) or not _TOOL_NAME_RE.match(name):
+        raise _bad(f"'{field}' must be a string of 1 to 64 letters, digits, '_', '.' or '-' "
+                   f"(got {name!r})." if isinstance(name, str) else
+                   f"'{field}' must be a string (got {_describe(name)}).")
+    return name
+
+
+def _function_def(fn, field: str) -> tuple:
+    if not isinstance(fn, dict):
+        raise _bad(f"'{field}' must be an object with 'name', 'description' and 'parameters'.")
+    name = _check_tool_name(fn.get("name"), f"{field}.name")
+    desc = fn.get("description")
+    if desc is None:
+        desc = ""
+    elif not isinstance(desc, str):
+        raise _bad(f"'{field}.description' must be a string (got {_describe(desc)}).")
+    params = fn.get("parameters")
+    if params is None:
+        # OpenAI allows a function without parameters; the model still needs a schema to read.
+        params = {"type": "object", "properties": {}}
+    elif not isinstance(params, dict):
+        raise _bad(f"'{field}.parameters' must be a JSON Schema object (got {_describe(params)}).")
+    return Tool(name, desc, params)
+
+
+def _choice_name(value, field: str, names: set) -> str:
+    if value not in names:
+        raise _bad(f"'{field}' names the function {value!r}, which is not in 'tools'.")
+    return value
+
+
+def parse_tools(data: dict) -> ToolSpec | None:
+    """Validate `tools`/`functions`, `tool_choice`/`function_call` and `parallel_tool_calls`
+    (OpenAI chat) -> a ToolSpec, or None (see tool_spec)."""
+    tools = []
+    raw_tools, raw_functions = data.get("tools"), data.get("functions")
+    if raw_tools is not None:
+        if not isinstance(raw_tools, list):
+            raise _bad(f"'tools' must be an array of tools (got {_describe(raw_tools)}).")
+        for i, tool in enumerate(raw_tools):
+            if not isinstance(tool, dict):
+                raise _bad(f"'tools[{i}]' must be an object (got {_describe(tool)}).")
+            kind = tool.get("type", "function")
+            if kind != "function":
+                raise _bad(f"'tools[{i}].type' {kind!r} is not supported; only \"function\" tools "
+                           "can be offered through LMArena.")
+            tools.append(_function_def(tool.get("function"), f"tools[{i}].function"))
+    if raw_functions is not None:       # the legacy (pre-tools) form: a plain list of functions
+        if not isinstance(raw_functions, list):
+            raise _bad(f"'functions' must be an array of functions (got {_describe(raw_functions)}).")
+        tools.extend(_function_def(fn, f"functions[{i}]") for i, fn in enumerate(raw_functions))
+    names = {t.name for t in tools}
+
+    parallel = data.get("parallel_tool_calls")
+    if parallel is None:
+        parallel = True
+    elif not isinstance(parallel, bool):
+        raise _bad(f"'parallel_tool_calls' must be true or false (got {_describe(parallel)}).")
+
+    if "tool_choice" in data and data["tool_choice"] is not None:
+        field, raw = "tool_choice", data["tool_choice"]
+    else:
+        field, raw = "function_call", data.get("function_call")
+    if raw is None:
+        choice = "auto"
+    elif isinstance(raw, str):
+        if raw not in ("auto", "none", "required"):
+            raise _bad(f"'{field}' must be \"auto\", \"none\", \"required\" or "
+                       f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}} (got {raw!r}).")
+        if raw == "required" and field == "function_call":
+            raise _bad("'function_call' must be \"auto\", \"none\" or {\"name\": ...}.")
+        choice = raw
+    elif isinstance(raw, dict):
+        if field == "function_call":
+            choice = _choice_name(raw.get("name"), "function_call.name", names)
+        elif raw.get("type") in ("auto", "none", "required"):    # {"type": "auto"}: some SDKs
+            choice = raw["type"]
+        else:
+            if raw.get("type") != "function":
+                raise _bad("'tool_choice.type' must be \"function\" when tool_choice is an object "
+                           f"(got {raw.get('type')!r}).")
+            fn = raw.get("function")
+            if isinstance(fn, dict):
+                choice = _choice_name(fn.get("name"), "tool_choice.function.name", names)
+            elif "name" in raw:         # the Responses API spells it {"type": "function", "name"}
+                choice = _choice_name(raw.get("name"), "tool_choice.name", names)
+            else:
+                raise _bad("'tool_choice.function' must be an object with the function's 'name'.")
+    else:
+        raise _bad(f"'{field}' must be a string or an object (got {_describe(raw)}).")
+
+    return tool_spec(tools, choice, parallel, raw_tools is None and raw_functions is not None, field)
+
+
+def openai_conversation(data: dict, cfg: Config) -> Conversation:
+    """Validate an OpenAI chat request and translate it (pure; may run in a thread)."""
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' is required (a name from GET /v1/models).", "invalid_model")
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false.", "invalid_stream")
+    n = data.get("n", 1)
+    if n not in (1, None):
+        raise ApiError(400, "Only n=1 is supported for chat completions.", "invalid_n")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "invalid_messages")
+    check_turn_count(len(messages), cfg)
+    stop = data.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, "'stop' must be a string or a list of non-empty strings.", "invalid_request_error")
+    tools = parse_tools(data)
+    turns = openai_turns(messages, Attachments(cfg.max_attachment_bytes))
+    include_usage = bool(isinstance(data.get("stream_options"), dict)
+                         and data["stream_options"].get("include_usage"))
+    return Conversation(model, turns, tools, stream, tuple(stop or ()), include_usage)
+
+
+# -- Answer: chunks or a completion ----------------------------------------------------------------
+
+def usage_object(prompt_chars: int, completion_chars: int, upstream) -> dict:
+    if isinstance(upstream, dict):
+        p = upstream.get("promptTokens", upstream.get("inputTokens", upstream.get("prompt_tokens")))
+        c = upstream.get("completionTokens", upstream.get("outputTokens",
+                                                           upstream.get("completion_tokens")))
+        if type(p) is int and type(c) is int and p >= 0 and c >= 0:
+            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    p, c = estimate_tokens(prompt_chars), estimate_tokens(completion_chars)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+class ChunkFormatter:
+    """Builds `chat.completion.chunk` SSE events. The constant parts are rendered once per request,
+    so a token costs one string join (the text's JSON literal is reused as LMArena sent it)."""
+
+    __slots__ = ("head", "cid", "model", "created")
+
+    def __init__(self, cid: str, model: str, created: int):
+        self.cid, self.model, self.created = cid, model, created
+        self.head = ('data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,'
+                     '"choices":[{"index":0,"delta":{' % (json_text(cid), created, json_text(model)))
+
+    def content(self, literal: str) -> str:
+        return self.head + '"content":' + literal + '},"finish_reason":null}]}\n\n'
+
+    def reasoning(self, literal: str) -> str:
+        return self.head + '"reasoning_content":' + literal + '},"finish_reason":null}]}\n\n'
+
+    def delta(self, key: str, value) -> str:
+        return self.head + json_text(key) + ':' + json_text(value) + '},"finish_reason":null}]}\n\n'
+
+    def role(self) -> str:
+        return self.head + '"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+
+    def finish(self, reason: str) -> str:
+        return self.head + '},"finish_reason":%s}]}\n\n' % json_text(reason)
+
+    def usage(self, usage: dict) -> str:
+        return sse_event({"id": self.cid, "object": "chat.completion.chunk", "created": self.created,
+                          "model": self.model, "choices": [], "usage": usage})
+
+
+def completion_body(cid: str, model: str, created: int, content: str, reasoning: str,
+                    finish: str, usage: dict, tool_calls: list | None = None) -> dict:
+    message = {"role": "assistant", "content": content if content.strip() or not tool_calls else None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": usage}
+
+
+# -- OpenAI output -----------------------------------------------------------------------------
+
+def openai_tool_call_delta(index: int, call: dict) -> list[dict]:
+    """The `delta.tool_calls` items for one call: id and name first, then the arguments."""
+    return [{"index": index, "id": call["id"], "type": "function",
+             "function": {"name": call["name"], "arguments": ""}},
+            {"index": index, "function": {"arguments": call["arguments"]}}]
+
+
+def openai_message_tool_calls(calls: list) -> list:
+    """`message.tool_calls` of a non-streaming answer."""
+    return [{"id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
 
 
 class OpenAIReply(Reply):
@@ -3317,6 +3141,431 @@ class OpenAIReply(Reply):
         return out
 
 
+OPENAI_CHAT = ClientApi(
+    "openai", openai_conversation,
+    lambda chat: OpenAIReply(chat.model, chat.stream, chat.conv.include_usage, chat.prompt_chars, chat.tools,
+                             chat.stop),
+    ApiError.body)
+
+
+# 12. Anthropic Messages ===========================================================================
+
+# -- Request: /v1/messages -> Conversation ------------------------------------------------------
+
+# Blocks Anthropic's own servers write into an assistant turn (server tools, citations of their
+# searches): nothing here ran them, so they are left out of the transcript rather than refused.
+_ANTHROPIC_SERVER_BLOCKS = frozenset(("server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
+                                      "code_execution_tool_result", "bash_code_execution_tool_result",
+                                      "text_editor_code_execution_tool_result", "mcp_tool_use",
+                                      "mcp_tool_result", "container_upload"))
+
+
+def _anthropic_text(value, field: str) -> str:
+    """A string, or a list of text blocks (system prompts, tool results, document content)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _bad(f"{field}: must be a string or an array of text blocks (got {_describe(value)}).")
+    texts = []
+    for j, block in enumerate(value):
+        if not isinstance(block, dict) or block.get("type") != "text":
+            raise _bad(f"{field}.{j}: must be a text block ({{\"type\": \"text\", \"text\": ...}}).")
+        if not isinstance(block.get("text"), str):
+            raise _bad(f"{field}.{j}.text: must be a string.")
+        texts.append(block["text"])
+    return "\n\n".join(t for t in texts if t)
+
+
+def _anthropic_image(block: dict, field: str, files: Attachments) -> dict:
+    src = block.get("source")
+    if not isinstance(src, dict):
+        raise _bad(f"{field}.source: must be an object.")
+    kind = src.get("type")
+    if kind == "base64":
+        mime, data = src.get("media_type"), src.get("data")
+        if not isinstance(mime, str) or not mime:
+            raise _bad(f"{field}.source.media_type: must be a string such as \"image/png\".")
+        if not isinstance(data, str):
+            raise _bad(f"{field}.source.data: must be a base64 string.")
+        return files.add(f"data:{mime};base64,{data}", None, None, "image")
+    if kind == "url":
+        url = src.get("url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise _bad(f"{field}.source.url: must be an http(s) URL.")
+        return files.add(url, None, None, "image")
+    raise _bad(f"{field}.source.type: {kind!r} is not supported (use \"base64\" or \"url\").")
+
+
+def _anthropic_document(block: dict, field: str, files: Attachments, number: int) -> str | dict:
+    """A document block -> its text (text and content sources) or an attachment (base64)."""
+    src = block.get("source")
+    if not isinstance(src, dict):
+        raise _bad(f"{field}.source: must be an object.")
+    title = block.get("title")
+    title = title if isinstance(title, str) and title.strip() else None
+    kind = src.get("type")
+    if kind == "base64":
+        mime, data = src.get("media_type") or "application/pdf", src.get("data")
+        if not isinstance(mime, str):
+            raise _bad(f"{field}.source.media_type: must be a string such as \"application/pdf\".")
+        if not isinstance(data, str):
+            raise _bad(f"{field}.source.data: must be a base64 string.")
+        ext = ".pdf" if mime == "application/pdf" else (mimetypes.guess_extension(mime) or ".bin")
+        # LMArena shows the file name; a title without an extension would hide the file's type.
+        name = (title if "." in title else title + ext) if title else f"document_{number}{ext}"
+        return files.add(f"data:{mime};base64,{data}", name, None, "file")
+    if kind in ("text", "content"):
+        if kind == "text":
+            text = src.get("data")
+            if not isinstance(text, str):
+                raise _bad(f"{field}.source.data: must be a string.")
+        else:
+            text = _anthropic_text(src.get("content"), f"{field}.source.content")
+        return f"{title}\n\n{text}" if title else text
+    raise _bad(f"{field}.source.type: {kind!r} is not supported through LMArena (send documents as "
+               "\"base64\" or \"text\").")
+
+
+def _anthropic_search_result(block: dict, field: str) -> str:
+    """A search_result block (an agent's own search, handed to the model) -> text."""
+    head = [s for s in (block.get("title"), block.get("source")) if isinstance(s, str) and s]
+    return "\n".join(head + [_anthropic_text(block.get("content") or [], f"{field}.content")])
+
+
+def _anthropic_tool_result(block: dict, field: str, files: Attachments, names: dict) -> Turn:
+    call_id = block.get("tool_use_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise _bad(f"{field}.tool_use_id: must be a string.")
+    content = block.get("content")
+    texts, found = [], []
+    if content is None:
+        pass
+    elif isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for j, inner in enumerate(content):
+            sub = f"{field}.content.{j}"
+            kind = inner.get("type") if isinstance(inner, dict) else None
+            if kind == "text":
+                if not isinstance(inner.get("text"), str):
+                    raise _bad(f"{sub}.text: must be a string.")
+                texts.append(inner["text"])
+            elif kind == "image":
+                found.append(_anthropic_image(inner, sub, files))
+            elif kind == "document":
+                doc = _anthropic_document(inner, sub, files, j + 1)
+                (texts if isinstance(doc, str) else found).append(doc)
+            elif kind == "search_result":
+                texts.append(_anthropic_search_result(inner, sub))
+            else:
+                raise _bad(f"{sub}.type: {kind!r} is not supported in a tool_result (use text, "
+                           "image or document).")
+    else:
+        raise _bad(f"{field}.content: must be a string or an array of blocks.")
+    text = "\n\n".join(t for t in texts if t)
+    if block.get("is_error") is True:
+        text = "Error: " + text
+    return Turn("tool", text, found, call_id=call_id, name=names.get(call_id))
+
+
+def _joined(texts: list) -> str:
+    return "\n\n".join(t for t in texts if t) if len(texts) > 1 else (texts[0] if texts else "")
+
+
+def anthropic_turns(raw: list, files: Attachments) -> list:
+    """Anthropic messages -> turns. A `system` entry between turns (Claude Code 2.x, beta
+    mid-conversation-system) is an instruction at that point of the conversation. Tool results go
+    first in their user turn (they answer the previous assistant turn); thinking blocks are not
+    shown again (their signatures cannot be checked here)."""
+    turns: list[Turn] = []
+    names: dict[str, str] = {}
+    documents = 0
+    for i, msg in enumerate(raw):
+        field = f"messages.{i}"
+        if not isinstance(msg, dict):
+            raise _bad(f"{field}: must be an object with 'role' and 'content'.")
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ("user", "assistant", "system"):
+            raise _bad(f"{field}.role: must be \"user\", \"assistant\" or \"system\" (got {role!r}).")
+        if role == "system":
+            turns.append(Turn("system", _anthropic_text(content, f"{field}.content")))
+            continue
+        if isinstance(content, str):
+            turns.append(Turn(role, content))
+            continue
+        if not isinstance(content, list):
+            raise _bad(f"{field}.content: must be a string or an array of content blocks.")
+        texts, found, calls, results = [], [], [], []
+        for j, block in enumerate(content):
+            sub = f"{field}.content.{j}"
+            if not isinstance(block, dict):
+                raise _bad(f"{sub}: must be an object with a 'type'.")
+            kind = block.get("type")
+            if kind == "text":
+                if not isinstance(block.get("text"), str):
+                    raise _bad(f"{sub}.text: must be a string.")
+                texts.append(block["text"])
+            elif kind in ("thinking", "redacted_thinking"):
+                continue
+            elif kind == "image" and role == "user":
+                found.append(_anthropic_image(block, sub, files))
+            elif kind == "document" and role == "user":
+                documents += 1
+                doc = _anthropic_document(block, sub, files, documents)
+                (texts if isinstance(doc, str) else found).append(doc)
+            elif kind == "search_result" and role == "user":
+                texts.append(_anthropic_search_result(block, sub))
+            elif kind == "tool_use" and role == "assistant":
+                call_id, name, inp = block.get("id"), block.get("name"), block.get("input", {})
+                if not isinstance(call_id, str) or not call_id:
+                    raise _bad(f"{sub}.id: must be a string.")
+                if not isinstance(name, str) or not name:
+                    raise _bad(f"{sub}.name: must be a string.")
+                if not isinstance(inp, dict):
+                    raise _bad(f"{sub}.input: must be an object.")
+                calls.append(Call(call_id, name, json_text(inp)))
+                names[call_id] = name
+            elif kind == "tool_result" and role == "user":
+                results.append(_anthropic_tool_result(block, sub, files, names))
+            elif kind in _ANTHROPIC_SERVER_BLOCKS and role == "assistant":
+                continue
+            else:
+                raise _bad(f"{sub}.type: {kind!r} blocks are not supported in {role} messages.")
+        turns.extend(results)
+        if role == "assistant":
+            if calls or texts or not content:
+                turns.append(Turn("assistant", _joined(texts), [], tuple(calls)))
+            # an assistant turn of thinking blocks only adds nothing
+        elif texts or found or not (content or results):
+            turns.append(Turn("user", _joined(texts), found))
+    return turns
+
+
+def anthropic_tools(body: dict) -> "ToolSpec | None":
+    """tools, tool_choice and disable_parallel_tool_use -> a ToolSpec. Server tools (web search, code
+    execution...) run on Anthropic's side only: they are left out with a log line, never refused,
+    since agents offer them whatever the endpoint."""
+    tools = body.get("tools")
+    offered, skipped = [], []
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _bad("tools: must be an array.")
+        for i, tool in enumerate(tools):
+            field = f"tools.{i}"
+            if not isinstance(tool, dict):
+                raise _bad(f"{field}: must be an object with 'name' and 'input_schema'.")
+            kind, schema = tool.get("type"), tool.get("input_schema")
+            if kind not in (None, "custom") and schema is None:
+                skipped.append(str(tool.get("name") or kind))
+                continue
+            name = tool.get("name")
+            if not isinstance(name, str) or not _TOOL_NAME_RE.match(name):
+                raise _bad(f"{field}.name: must be 1 to 64 letters, digits, '_', '.' or '-' "
+                           f"(got {name!r}).")
+            if not isinstance(schema, dict):
+                raise _bad(f"{field}.input_schema: must be a JSON Schema object.")
+            desc = tool.get("description", "")
+            if desc is not None and not isinstance(desc, str):
+                raise _bad(f"{field}.description: must be a string.")
+            offered.append(Tool(name, desc or "", schema))
+    if skipped:
+        log.info("server tools cannot run through LMArena; left out: %s", shown(", ".join(skipped), 200))
+    choice, parallel = body.get("tool_choice"), True
+    if choice is None:
+        kind = "auto"
+    elif not isinstance(choice, dict):
+        raise _bad("tool_choice: must be an object such as {\"type\": \"auto\"}.")
+    else:
+        kind = choice.get("type")
+        if choice.get("disable_parallel_tool_use") is True:
+            parallel = False
+    if body.get("disable_parallel_tool_use") is True:   # lenient: some clients put it at top level
+        parallel = False
+    if kind == "tool":
+        name = choice.get("name")
+        if not isinstance(name, str) or name not in {t.name for t in offered}:
+            raise _bad(f"tool_choice.name: {shown(name, 80)} is not one of the request's tools.")
+        return tool_spec(offered, name, parallel, field="tool_choice")
+    choices = {"auto": "auto", "any": "required", "none": "none"}
+    if kind not in choices:
+        raise _bad(f"tool_choice.type: must be \"auto\", \"any\", \"tool\" or \"none\" (got {shown(kind, 40)}).")
+    return tool_spec(offered, choices[kind], parallel, field="tool_choice")
+
+
+def anthropic_conversation(body, cfg: Config, *, require_max_tokens: bool = True) -> Conversation:
+    """A /v1/messages request -> a Conversation. Errors name fields the way Anthropic does
+    ("messages.1.content.0.source: ..."). Unknown fields and beta features (cache_control, metadata,
+    context_management, output_config, thinking...) are accepted and ignored.
+    require_max_tokens=False serves /v1/messages/count_tokens, whose requests carry none."""
+    if not isinstance(body, dict):
+        raise _bad("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model: Field required (a model name from GET /v1/models).")
+    if "max_tokens" in body or require_max_tokens:
+        mt = body.get("max_tokens")
+        if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
+            raise _bad("max_tokens: Field required, a positive integer." if mt is None else
+                       f"max_tokens: must be a positive integer (got {shown(mt, 40)}).")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("stream: must be true or false.")
+    files = Attachments(cfg.max_attachment_bytes)
+    turns = []
+    system = body.get("system")
+    if system is not None:
+        text = _anthropic_text(system, "system")
+        if text:
+            turns.append(Turn("system", text))
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise _bad("messages: must be a non-empty array.")
+    check_turn_count(len(raw), cfg)
+    turns += anthropic_turns(raw, files)
+    tools = anthropic_tools(body)
+    stops = body.get("stop_sequences")
+    if stops is not None and (not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)):
+        raise _bad("stop_sequences: must be an array of strings.")
+    return Conversation(model, turns, tools, stream, tuple(s for s in stops or () if s))
+
+
+def count_input_tokens(body, cfg: Config) -> int:
+    """Rough input tokens of a /v1/messages (or count_tokens) body, the bridge's chars/4 rule,
+    counted over what the bridge would send: the tool instructions, the transcript, and a flat
+    _ATTACHMENT_TOKENS per image or file."""
+    conv = anthropic_conversation(body, cfg, require_max_tokens=False)
+    chars = len(tool_prompt(conv.tools)) if conv.tools else 0
+    attachments = 0
+    for t in transcript(conv.turns):
+        chars += len(t["content"]) if t["content"] != " " else 0
+        attachments += len(t["attachments"])
+    return (chars + 3) // 4 + attachments * _ATTACHMENT_TOKENS
+
+
+# -- Answer: events or a message ----------------------------------------------------------------
+
+_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                          403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                          429: "rate_limit_error", 500: "api_error", 502: "api_error",
+                          504: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_type(status: int) -> str:
+    return _ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500
+                                      else "api_error")
+
+
+def anthropic_error_body(err: ApiError) -> dict:
+    return {"type": "error", "error": {"type": anthropic_error_type(err.status),
+                                       "message": err.message}}
+
+
+def anthropic_stop_reason(openai_finish: str | None, stop_sequence: str | None = None) -> str:
+    """OpenAI finish_reason -> Anthropic stop_reason ("stop_sequence" whenever one was hit)."""
+    if stop_sequence is not None:
+        return "stop_sequence"
+    # content_filter: Anthropic's newer "refusal" is unknown to older clients; end_turn is safe.
+    return {"length": "max_tokens", "tool_calls": "tool_use"}.get(openai_finish or "", "end_turn")
+
+
+def anthropic_tool_id(call_id: str) -> str:
+    """Anthropic ids start with "toolu_"; a reader made with id_prefix="toolu_" needs no change."""
+    return call_id if call_id.startswith("toolu_") else "toolu_" + call_id.removeprefix("call_")
+
+
+class AnthropicEvents:
+    """Renders a streamed Anthropic answer as SSE text (`event: <type>` + `data: <JSON>`).
+
+    Blocks are opened on demand and numbered from 0 in order: text and thinking are extended
+    while they stay the open block; switching kinds closes the open block first; a tool_use block
+    is complete in one go (start, one input_json_delta, stop).
+    """
+
+    __slots__ = ("message_id", "model", "input_tokens", "index", "open")
+
+    def __init__(self, message_id: str, model: str, input_tokens: int):
+        self.message_id, self.model, self.input_tokens = message_id, model, input_tokens
+        self.index = -1           # the index of the last block opened
+        self.open: str | None = None  # "text" | "thinking" while a block is open
+
+    @staticmethod
+    def event(obj: dict) -> str:
+        return f"event: {obj['type']}\ndata: {json_text(obj)}\n\n"
+
+    def start(self) -> str:
+        return self.event({"type": "message_start", "message": {
+            "id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": self.input_tokens, "output_tokens": 0}}})
+
+    def _close(self) -> str:
+        if self.open is None:
+            return ""
+        self.open = None
+        return self.event({"type": "content_block_stop", "index": self.index})
+
+    def _open(self, block: dict) -> str:
+        out = self._close()
+        self.index += 1
+        self.open = block["type"]
+        return out + self.event({"type": "content_block_start", "index": self.index,
+                                 "content_block": block})
+
+    def text(self, s: str) -> str:
+        if not s:
+            return ""
+        out = "" if self.open == "text" else self._open({"type": "text", "text": ""})
+        return out + self.event({"type": "content_block_delta", "index": self.index,
+                                 "delta": {"type": "text_delta", "text": s}})
+
+    def thinking(self, s: str) -> str:
+        if not s:
+            return ""
+        out = "" if self.open == "thinking" else self._open(
+            {"type": "thinking", "thinking": "", "signature": ""})
+        return out + self.event({"type": "content_block_delta", "index": self.index,
+                                 "delta": {"type": "thinking_delta", "thinking": s}})
+
+    def tool_use(self, call: dict) -> str:
+        out = self._open({"type": "tool_use", "id": anthropic_tool_id(call["id"]),
+                          "name": call["name"], "input": {}})
+        out += self.event({"type": "content_block_delta", "index": self.index,
+                           "delta": {"type": "input_json_delta", "partial_json": call["arguments"]}})
+        self.open = None
+        return out + self.event({"type": "content_block_stop", "index": self.index})
+
+    def finish(self, stop_reason: str, stop_sequence: str | None, output_tokens: int) -> str:
+        return (self._close()
+                + self.event({"type": "message_delta",
+                              "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                              "usage": {"output_tokens": output_tokens}})
+                + self.event({"type": "message_stop"}))
+
+    def ping(self) -> str:
+        return self.event({"type": "ping"})
+
+    @staticmethod
+    def error(err: ApiError) -> str:
+        return AnthropicEvents.event(anthropic_error_body(err))
+
+
+def anthropic_message(message_id: str, model: str, text: str, thinking: str, calls: list,
+                      stop_reason: str, stop_sequence: str | None, input_tokens: int,
+                      output_tokens: int) -> dict:
+    """A non-streaming /v1/messages answer: thinking, then text, then tool_use blocks."""
+    content: list = []
+    if thinking:
+        content.append({"type": "thinking", "thinking": thinking, "signature": ""})
+    if text.strip() or (text and not calls):
+        content.append({"type": "text", "text": text})
+    for call in calls:
+        content.append({"type": "tool_use", "id": anthropic_tool_id(call["id"]),
+                        "name": call["name"], "input": json.loads(call["arguments"])})
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
+
+
 class AnthropicReply(Reply):
     """Anthropic's Messages API answer, or its event stream (section 3 of PROTOCOL.md)."""
 
@@ -3364,109 +3613,208 @@ class AnthropicReply(Reply):
         return [("request-id", "req_" + self.mid[4:])]
 
 
-def answer_fingerprint(content_digest: str, calls: list) -> str:
-    canon = [(c["name"], canonical_arguments(c["arguments"])) for c in calls]
-    return content_digest + ("|" + json_text(canon) if canon else "")
+ANTHROPIC_MESSAGES = ClientApi(
+    "anthropic", anthropic_conversation,
+    lambda chat: AnthropicReply(chat.model, chat.stream, chat.prompt_chars, chat.tools, chat.stop),
+    lambda err: anthropic_error_body(err))
 
 
-def canonical_arguments(arguments) -> str:
-    try:
-        value = _loads(arguments) if isinstance(arguments, str) else arguments
-        return _canonical_json(value)
-    except (ValueError, TypeError, RecursionError):
-        return str(arguments)
+# 13. Jobs =========================================================================================
+
+class JobOwner(typing.Protocol):
+    """What a Job tells whoever runs it (the tab pool)."""
+
+    def job_output(self, job: "Job") -> None:
+        """The job has answer events to take."""
+
+    def retry_job(self, job: "Job", err: ApiError) -> bool:
+        """An attempt failed before any output: True when another attempt is under way."""
+
+    def note_upstream_error(self, tab, err: ApiError) -> None:
+        """LMArena refused something on this tab (after output started, or for good)."""
+
+    def job_ended(self, job: "Job") -> None:
+        """The job is over (answered, failed, or its client left)."""
 
 
-# -- One chat request, translated (pure) -------------------------------------------------------------
+class Job:
+    """One client request's work on the tabs: the task sent to a tab (again, with fresh ids, when an
+    attempt fails before any output and a retry can help), and the answer events it produces.
 
-@dataclasses.dataclass(slots=True)
-class ChatRequest:
-    """A validated chat request (OpenAI's, or Anthropic's translated), ready for a TaskPlan."""
-    model: str
-    ref: ModelRef
-    stream: bool
-    include_usage: bool
-    messages: list          # the client's messages (after Anthropic translation), for continuation
-    templates: list         # role/content/attachments per message, tool history as text
-    tools: "ToolSpec | None"
-    tools_prompt: str       # "" without tools
-    stop: list              # stop sequences (honoured on our side)
-    prompt_chars: int
-    fingerprints: list      # one per message: what continuation compares
+    It only accumulates: answer events wait in `events` until the request's Reply takes them;
+    its `owner` (a JobOwner) is told when there is something to take and when an attempt failed."""
 
+    # Attempts after the first one, at most: a follow-up's fallback to a new conversation, a fresh
+    # v3 token, the v2 check, and another tab after a 429 (retry_plan; PROTOCOL 2.3 and 2.5).
+    MAX_RETRIES = 4
 
-def message_fingerprint(msg) -> str:
-    """What identifies a message for the continuation memory. An assistant message is its text plus
-    its tool calls (arguments canonical), so an answer we returned matches its echo from a client."""
-    if not isinstance(msg, dict):
-        return "?"
-    role, content = msg.get("role"), msg.get("content")
-    if role == "assistant":
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict)
-                              and isinstance(p.get("text"), str))
-        digest = hashlib.sha256(wire_bytes(content if isinstance(content, str) else "")).hexdigest()
-        calls = []
-        for c in msg.get("tool_calls") or ():
-            fn = c.get("function") if isinstance(c, dict) else None
-            if isinstance(fn, dict):
-                calls.append({"name": fn.get("name"), "arguments": fn.get("arguments")})
-        return "assistant|" + answer_fingerprint(digest, calls)
-    rest = {k: v for k, v in msg.items() if k in ("content", "name", "tool_call_id")}
-    return f"{role}|" + hashlib.sha256(wire_bytes(_sorted_json(rest))).hexdigest()
+    __slots__ = ("owner", "id", "rid", "model", "plan", "side", "parser", "events", "tab", "tab_name",
+                 "attempt", "received", "output", "done", "error", "finish_reason", "usage",
+                 "client_gone", "wake", "last_activity", "dispatcher", "completion_chars", "limit",
+                 "stages", "message", "cooled", "sink", "images")
 
+    def __init__(self, owner: JobOwner, model: str, plan, side: str = "a", limit: int = 64 * 2**20):
+        self.owner = owner
+        self.id = str(uuid.uuid4())
+        self.rid = self.id                      # request id of the current attempt
+        self.model, self.plan, self.side, self.limit = model, plan, side, limit
+        self.parser = ArenaStreamParser(side)
+        self.events: list = []
+        self.tab = None
+        self.tab_name = "-"
+        self.attempt = 0
+        self.received = self.output = self.done = self.client_gone = False
+        self.error: ApiError | None = None
+        self.finish_reason = "stop"
+        self.usage = None
+        self.completion_chars = 0
+        self.wake = asyncio.Event()
+        self.last_activity = time.monotonic()
+        self.dispatcher = None
+        self.stages: dict[str, float] = {"start": time.monotonic()}
+        self.message = plan.task_message(self.rid, {}) if plan is not None else ""
+        self.cooled: set = set()                # tabs that refused this job (429, reCAPTCHA)
+        self.sink = None                        # set by a streaming route: takes events as they come
+        self.images: list = []                  # image events (for /v1/images/generations)
 
-def chain_digests(head: str, fingerprints: list) -> list[str]:
-    """d[i] identifies the first i messages (and the model and tools, in `head`)."""
-    out = [hashlib.sha256(head.encode()).hexdigest()]
-    for fp in fingerprints:
-        out.append(hashlib.sha256((out[-1] + "\n" + fp).encode()).hexdigest())
-    return out
+    # -- from the tab --
+    def on_tab_data(self, data) -> bool:
+        """A data message of the tab for this job; True when it started the answer's output (the
+        tab then lets the route write that first text before handling a burst's rest)."""
+        if self.done:
+            return False
+        had_output = self.output
+        self.last_activity = time.monotonic()
+        if not self.received:
+            self.received = True
+            self.stages.setdefault("first_byte", self.last_activity)
+            self.wake.set()
+        if type(data) is str:
+            if data == "[DONE]":
+                self._take(self.parser.close())
+                if not self.done:
+                    self.complete()
+            else:
+                self._take(self.parser.feed(data))
+        elif isinstance(data, dict) and "error" in data:
+            self.on_error(tab_error(data))
+        else:
+            log.debug("task %s: unexpected data of type %s ignored", self.id[:8], type(data).__name__)
+        return self.output and not had_output
 
+    def on_stage(self, name: str) -> None:
+        if name in ("token_ready", "upstream_headers"):
+            self.stages.setdefault(name, time.monotonic())
 
-def chat_request(data: dict, cfg: Config, models: dict) -> ChatRequest:
-    """Validate an OpenAI chat request and translate its messages (pure; may run in a thread)."""
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "'model' is required (a name from GET /v1/models).", "invalid_model")
-    stream = data.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false.", "invalid_stream")
-    n = data.get("n", 1)
-    if n not in (1, None):
-        raise ApiError(400, "Only n=1 is supported for chat completions.", "invalid_n")
-    messages = data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", "invalid_messages")
-    if len(messages) > cfg.max_messages:
-        raise ApiError(413, f"{len(messages)} messages is more than this bridge accepts in one request "
-                       f"({cfg.max_messages}, max_messages).", "request_too_large")
-    stop = data.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-        raise ApiError(400, "'stop' must be a string or a list of non-empty strings.", "invalid_request_error")
-    tools = parse_tools(data)
-    ref = resolve_model(model, models, cfg.strict_models)
-    plain = tool_history_text(messages)
-    templates = openai_to_templates(plain, tavern=False, bypass=False, is_image=ref.is_image, mode="direct_chat",
-                                    target="A", attachment_limit=cfg.max_attachment_bytes,
-                                    max_messages=cfg.max_messages)
-    include_usage = bool(isinstance(data.get("stream_options"), dict)
-                         and data["stream_options"].get("include_usage"))
-    prompt = tool_prompt(tools) if tools else ""
-    return ChatRequest(model, ref, stream, include_usage, messages, templates, tools, prompt, stop or [],
-                       len(prompt) + sum(len(t["content"]) + 4 * _ATTACHMENT_TOKENS * len(t["attachments"])
-                                         for t in templates),
-                       [message_fingerprint(m) for m in messages])
+    def _take(self, events: list) -> None:
+        for ev in events:
+            kind = ev[0]
+            if kind == "error":
+                self.on_error(ev[1])
+                return
+            if kind == "finish":
+                self.finish_reason, self.usage = ev[1], ev[2]
+                self.complete()
+                return
+            if kind == "image":
+                self.images.append(ev)
+                ev = ("text", None, ("\n\n" if self.completion_chars else "") + image_markdown(ev[1]))
+            if kind != "reasoning":
+                self.completion_chars += len(ev[2])
+                if self.completion_chars > self.limit:
+                    self.fail(ApiError(502, f"The answer is larger than the bridge keeps ({self.limit} "
+                                       "characters, max_answer_chars).", "upstream_error"))
+                    return
+            self.events.append(ev)
+            if not self.output:
+                self.output = True
+                self.stages.setdefault("first_token", time.monotonic())
+        if events:
+            self.owner.job_output(self)
 
+    def on_error(self, err: ApiError) -> None:
+        """An attempt failed: the bridge may retry it (before any output), else the job fails."""
+        if self.done:
+            return
+        if self.output:
+            self.owner.note_upstream_error(self.tab, err)
+        elif self.owner.retry_job(self, err):
+            return
+        self.fail(err, tell_tab=False)
 
-def tavern_merge(templates: list) -> list:
-    """Tavern mode: every system prompt joined (blank line between) into one, first."""
-    system = [t["content"] for t in templates if t["role"] == "system"]
-    rest = [t for t in templates if t["role"] != "system"]
-    return ([{"role": "system", "content": "\n\n".join(system), "attachments": []}] if system else []) + rest
+    def take(self) -> list:
+        events, self.events = self.events, []
+        return events
+
+    async def woken(self, seconds: float) -> None:
+        """Wait for news of this job (wake), or `seconds`. A timer that sets wake costs a third of
+        asyncio.timeout's machinery, and this runs for every request; callers check the time."""
+        self.wake.clear()
+        timer = asyncio.get_running_loop().call_later(seconds, self.wake.set)
+        try:
+            await self.wake.wait()
+        finally:
+            timer.cancel()
+
+    def next_attempt(self, flags: dict) -> None:
+        """Rebuild the task with fresh ids for another attempt (the old one is over)."""
+        self.attempt += 1
+        self.rid = f"{self.id}.{self.attempt}"
+        self.parser = ArenaStreamParser(self.side)
+        self.received = False
+        self.message = self.plan.task_message(self.rid, flags)
+
+    def idle_left(self, timeout: float, now: float) -> float:
+        """Seconds left before stream_response_timeout_seconds; at 0 the job fails with 504."""
+        if self.tab is None:          # still waiting for a tab: the dispatcher owns that deadline
+            self.last_activity = now
+        left = self.last_activity + timeout - now
+        if left <= 0:
+            self.fail(ApiError(504, f"LMArena sent nothing for {timeout:g} s "
+                               "(stream_response_timeout_seconds).", "upstream_timeout"))
+        return left
+
+    # -- endings --
+    def complete(self) -> None:
+        if self.done:
+            return
+        if self.parser.citations:
+            self._take([("text", None, citations_markdown(self.parser.citations))])
+        self._end()
+
+    def fail(self, err: ApiError, tell_tab: bool = True) -> None:
+        if self.done:
+            return
+        self.error = err
+        if tell_tab and self.tab is not None:
+            self.tab.abort(self.rid)
+        self._end()
+
+    def stop_early(self) -> None:
+        """The answer is complete on our side (a stop sequence): stop the tab, end normally."""
+        if not self.done:
+            if self.tab is not None:
+                self.tab.abort(self.rid)
+            self.finish_reason = "stop"
+            self._end()
+
+    def on_client_gone(self) -> None:
+        self.client_gone = True
+        if self.done:
+            return
+        if self.tab is not None:
+            self.tab.abort(self.rid)
+        self._end()
+
+    def _end(self) -> None:
+        self.done = True
+        self.stages.setdefault("end", time.monotonic())
+        if self.tab is not None:
+            self.tab.jobs.pop(self.rid, None)
+        if self.dispatcher is not None and not self.dispatcher.done():
+            self.dispatcher.cancel()
+        self.owner.job_ended(self)
+        self.wake.set()
 
 
 class TaskPlan:
@@ -3525,12 +3873,79 @@ class TaskPlan:
         for flag in ("recaptcha", "rediscover_site_key"):
             if flags.get(flag):
                 request[flag] = flags[flag]
+        request["fields"] = TASK_FIELDS
         payload = {"message_templates": templates, "target_model_id": chat.ref.id, "session_id": ids[0],
                    "message_id": ids[1], "is_image_request": chat.ref.is_image, "request": request}
         return json_text({"request_id": rid, "payload": payload})
 
 
-# 10. The tab link (WebSocket via websockets' Sans-I/O ServerProtocol) ================================
+class Conversations:
+    """Recent conversations the bridge started (create mode), so a client that sends one back with
+    our exact answer plus new turns is continued with only the new turns (2.3). Bounded by count and
+    age. A conversation is remembered only after a clean answer, always under its latest state (an
+    older prefix must never continue it), and forgotten when a follow-up fails."""
+
+    @dataclasses.dataclass(slots=True)
+    class Entry:
+        id: str
+        key: str
+        used: float
+
+    def __init__(self, limit: int = 256, max_age: float = 6 * 3600, on_evict=None):
+        self.limit, self.max_age, self.on_evict = limit, max_age, on_evict
+        self.by_key: dict[str, Conversations.Entry] = {}       # insertion order = age of last use
+
+    @staticmethod
+    def head(chat: ChatRequest) -> str:
+        return json_text([chat.model, chat.ref.id, chat.ref.modality, chat.tools_prompt])
+
+    def find(self, chat: ChatRequest):
+        """(entry, index of the first new turn) when the request continues a conversation."""
+        turns = chat.turns
+        if not self.by_key or not any(t.role == "assistant" for t in turns[1:-1]):
+            return None
+        self.expire()
+        digests = chain_digests(self.head(chat), chat.fingerprints)
+        for k in range(len(turns) - 2, 0, -1):
+            if turns[k].role != "assistant":
+                continue
+            entry = self.by_key.get(digests[k + 1])
+            if entry is not None:
+                if any(t.role != "assistant" for t in turns[k + 1:]):
+                    return entry, k + 1
+                return None
+        return None
+
+    def remember(self, job: "Job", reply) -> None:
+        plan = job.plan
+        if plan is None or plan.session is not None or plan.conversation_id is None or job.error:
+            return
+        chat = plan.chat
+        if plan.followup is not None:
+            self.by_key.pop(plan.followup.key, None)
+        key = chain_digests(self.head(chat), chat.fingerprints + ["assistant|" + reply.answer_key()])[-1]
+        self.by_key[key] = self.Entry(plan.conversation_id, key, time.monotonic())
+        while len(self.by_key) > self.limit:
+            self._evict(next(iter(self.by_key.values())))
+
+    def forget(self, entry) -> None:
+        if self.by_key.pop(entry.key, None) is not None:
+            log.info("conversation %s will not be continued again", entry.id[:8])
+            if self.on_evict:
+                self.on_evict(entry.id)
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for entry in [e for e in self.by_key.values() if now - e.used > self.max_age]:
+            self._evict(entry)
+
+    def _evict(self, entry) -> None:
+        self.by_key.pop(entry.key, None)
+        if self.on_evict:
+            self.on_evict(entry.id)
+
+
+# 14. The tab link =================================================================================
 
 class Tab(asyncio.Protocol):
     """One connected userscript tab: a worker that runs tasks concurrently. After the handshake it
@@ -3540,10 +3955,10 @@ class Tab(asyncio.Protocol):
     Whatever a tab sends is untrusted: each message is checked field by field, and a bad one is
     logged and ignored; it never drops the tab or touches other tasks."""
 
-    def __init__(self, bridge: "Bridge", proto: ServerProtocol, transport, origin: str, peer):
-        self.bridge, self.proto, self.transport = bridge, proto, transport
+    def __init__(self, pool: "TabPool", proto: ServerProtocol, transport, origin: str, peer, name: str):
+        self.pool, self.proto, self.transport = pool, proto, transport
         self.closed = asyncio.get_running_loop().create_future()
-        self.name = f"tab{next(bridge.tab_counter)}"
+        self.name = name
         self.origin, self.peer = origin, peer
         self.jobs: dict[str, Job] = {}          # by request id of the attempt it runs
         self.assigned = 0
@@ -3630,21 +4045,20 @@ class Tab(asyncio.Protocol):
         more than BURST_FRAMES messages after it), the rest waits for one turn of the event loop:
         the route writes the first text at once, and the burst follows in one write. A few
         messages are handled first (microseconds; an extra write would cost more)."""
-        bridge, n = self.bridge, len(frames)
-        bridge.first_output = False
+        n = len(frames)
         for i, frame in enumerate(frames):
-            op = frame.opcode
+            op, started = frame.opcode, False
             if op is Opcode.TEXT or op is Opcode.BINARY:
                 if frame.fin:
-                    self.on_message(frame.data)
+                    started = self.on_message(frame.data)
                 else:
                     self.fragments = [frame.data]
             elif op is Opcode.CONT and self.fragments is not None:
                 self.fragments.append(frame.data)
                 if frame.fin:
                     data, self.fragments = b"".join(self.fragments), None
-                    self.on_message(data)
-            if bridge.first_output and n - 1 - i > BURST_FRAMES:
+                    started = self.on_message(data)
+            if started and n - 1 - i > BURST_FRAMES:
                 self.backlog = frames[i + 1:]
                 asyncio.get_running_loop().call_soon(self.resume)
                 break
@@ -3652,7 +4066,7 @@ class Tab(asyncio.Protocol):
             runs, self.runs = self.runs, {}
             for job, parts in runs.items():
                 self.feed(job, parts)
-        bridge.flush_dirty()
+        self.pool.flush_dirty()
 
     def resume(self) -> None:
         frames, self.backlog = self.backlog, None
@@ -3663,37 +4077,39 @@ class Tab(asyncio.Protocol):
                 log.exception("%s: failed to handle tab data; dropping the tab", self.name)
                 self.transport.abort()
 
-    def on_message(self, raw: bytes) -> None:
+    def on_message(self, raw: bytes) -> bool:
+        """One message of the tab; True when it started an answer's output (see handle)."""
         try:
             msg = _json_decode(raw.decode())
         except (ValueError, RecursionError):     # UnicodeDecodeError is a ValueError too
             log.debug("%s sent something that is not JSON; ignored", self.name)
-            return
+            return False
         if type(msg) is not dict:
-            return
+            return False
         rid = msg.get("request_id")
         try:
             if rid is None:
                 self.on_notice(msg)
-                return
+                return False
             job = self.jobs.get(rid) if type(rid) is str else None
             if job is None:
                 log.debug("%s: message for unknown task %s ignored", self.name, shown(rid, 60))
-                return
+                return False
             data = msg.get("data")
             if type(data) is str and job.output and data != "[DONE]":
                 # The answer is flowing: its texts of this batch are parsed as one (see handle).
                 self.runs.setdefault(job, []).append(data)
-                return
+                return False
             parts = self.runs.pop(job, None) if self.runs else None
             if parts:
                 self.feed(job, parts)
             if "data" in msg:
-                job.on_tab_data(data)
-            elif isinstance(msg.get("event"), str):
+                return job.on_tab_data(data)
+            if isinstance(msg.get("event"), str):
                 job.on_stage(msg["event"])
         except Exception:         # a bug here must not kill the tab link or the other tasks
             self.failed(rid)
+        return False
 
     def feed(self, job: "Job", parts: list) -> None:
         """Texts of one job from one batch of frames: the parser takes any split, so one call."""
@@ -3715,19 +4131,16 @@ class Tab(asyncio.Protocol):
             self.version = version[:40] if isinstance(version, str) else "?"
             self.url = url[:300] if isinstance(url, str) else ""
             log.info("%s says hello: userscript %s at %s", self.name, shown(self.version), shown(self.url))
+            self.send(SITE_RULES)          # what its learner leaves out of the page's own bodies
             if version_tuple(self.version) < version_tuple(USERSCRIPT_VERSION):
                 log.warning("%s runs userscript %s; this bridge ships %s: paste the new userscript.js",
                             self.name, shown(self.version), USERSCRIPT_VERSION)
-        elif kind == "ids_captured":
-            self.bridge.on_ids_captured(self, msg.get("session_id"), msg.get("message_id"))
-        elif kind == "models":
-            self.bridge.on_models(self, msg.get("models"))
+        elif kind in ("ids_captured", "models", "request_shape"):
+            self.pool.report(self, kind, msg)
         elif kind == "status":
             self.status = {k: v for k, v in msg.items() if k != "type"}
             if isinstance(msg.get("last_error"), str):
                 self.last_error = msg["last_error"][:300]
-        elif kind == "request_shape":
-            self.bridge.on_request_shape(self, msg.get("endpoint"), msg.get("body"))
         elif kind == "log":
             log.debug("%s: %s", self.name, shown(msg.get("message"), 300))
         else:
@@ -3735,6 +4148,25 @@ class Tab(asyncio.Protocol):
 
     def available(self, now: float) -> bool:
         return self.proto.state is WsState.OPEN and now >= self.challenged_until and now >= self.cool_until
+
+    def rest(self, err: ApiError, cfg: Config) -> None:
+        """What LMArena's refusal means for this tab: after a 429 or a refused check it takes no new
+        task for Retry-After (or tab_cooldown_seconds); a stale model list is asked for again; a
+        Cloudflare check makes it reload (once per check) and wait."""
+        self.last_error = f"{err.code}: {err.message[:200]}"
+        now = time.monotonic()
+        if err.code in ("rate_limited", "recaptcha_failed"):
+            rest = err.retry_after or cfg.tab_cooldown_seconds
+            self.cool_until = max(self.cool_until, now + rest)
+            log.warning("%s rests for %g s after %s", self.name, rest, err.code)
+        elif err.code == "model_unavailable":
+            self.send({"command": "send_models"})     # the list is stale: refresh it
+        elif err.code == "cloudflare_challenge":
+            self.challenged_until = now + cfg.cloudflare_wait_seconds
+            if not self.refresh_sent:
+                self.refresh_sent = True
+                log.warning("%s hit a Cloudflare check; asking it to reload", self.name)
+                self.send({"command": "refresh"})
 
     def close(self, code: int = 1001, reason: str = "") -> None:
         if self.proto.state is WsState.OPEN:
@@ -3783,10 +4215,316 @@ def is_loopback(peer) -> bool:
     return ip.is_loopback
 
 
-# 11. HTTP connection driver (asyncio) ===============================================================
+# 15. The tab pool =================================================================================
+
+class PoolOwner(typing.Protocol):
+    """What the tab pool leaves to the bridge: the conversation memory, and what tabs report."""
+
+    def job_ended(self, job: "Job") -> None:
+        """A job is over: remember, forget or clean up its LMArena conversation."""
+
+    def forget_followup(self, entry) -> None:
+        """A follow-up of a remembered conversation failed: never continue that conversation."""
+
+    def cleanup_conversation(self, conversation_id: str) -> None:
+        """A conversation the bridge created will not be used again."""
+
+    def tab_joined(self, tab: "Tab") -> None:
+        """A tab connected (an armed capture is sent to it)."""
+
+    def tab_report(self, tab: "Tab", kind: str, msg: dict) -> None:
+        """A tab's ids_captured, models or request_shape report."""
+
+
+class TabPool:
+    """The connected tabs and the jobs they run: picking the least busy tab, assigning jobs and
+    giving them another attempt (another tab after a 429, fresh tokens after a refused check),
+    waiting for a tab after a Cloudflare check, pings. Tabs own their rests (Tab.rest); the pool
+    only asks. Implements JobOwner for its jobs."""
+
+    def __init__(self, files: "UserFiles", owner: PoolOwner):
+        self.files, self.owner = files, owner
+        self.tabs: list[Tab] = []
+        self.jobs: dict[str, Job] = {}
+        self.dirty: set[Job] = set()
+        self.tab_counter = itertools.count(1)
+        self.tab_event = asyncio.Event()       # set (and replaced) whenever tabs come or go
+        self.cloudflare_since = 0.0
+        self.tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # -- jobs --
+    def start_job(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        for tab in self.tabs:
+            self.keep_token_ready(tab)
+        tab = self.pick_tab(job)
+        if tab is not None:
+            self.assign(job, tab)
+        else:                     # no tab right now: fail at once, or wait after a Cloudflare check
+            job.dispatcher = self.spawn(self.dispatch(job))
+
+    async def wait_job(self, job: Job, until_first: float | None = None) -> None:
+        """Wait until the job ends (or, with `until_first`, until the tab's first message or that
+        deadline), enforcing stream_response_timeout_seconds."""
+        while not job.done and not (until_first is not None and job.received):
+            now = time.monotonic()
+            left = job.idle_left(self.files.config.stream_response_timeout_seconds, now)
+            if left <= 0 or (until_first is not None and now >= until_first):
+                return
+            if until_first is not None:
+                left = min(left, until_first - now)
+            await job.woken(left)
+
+    def job_output(self, job: Job) -> None:
+        self.dirty.add(job)
+
+    def retry_job(self, job: Job, err: ApiError) -> bool:
+        """An attempt failed before any output: try again when that can help (a follow-up as a new
+        conversation; a refused token with a fresh one, then the v2 check, on the same tab; another
+        tab after a 429); True when a new attempt is under way."""
+        tab, plan = job.tab, job.plan
+        followup = plan.followup is not None
+        can_retry = job.attempt < Job.MAX_RETRIES
+        flags = retry_plan(err, followup, job.attempt) if can_retry else None
+        if flags is not None and followup:
+            log.info("task %s: the follow-up failed (%s); starting a new conversation", job.id[:8], err.code)
+            self.owner.forget_followup(plan.followup)
+        elif flags is not None:
+            log.info("task %s: %s refused; trying again (%s)", job.id[:8], err.code, json_text(flags))
+        else:
+            self.note_upstream_error(tab, err)          # the tab rests after a 429 or a final refusal
+            if err.code in ("rate_limited", "recaptcha_failed") and tab is not None and can_retry:
+                job.cooled.add(tab)
+                if self.pick_tab(job) is not None:
+                    flags = {}
+        if flags is None:
+            return False
+        if tab is not None:
+            tab.jobs.pop(job.rid, None)
+        job.tab = None
+        if plan.created and plan.conversation_id and not followup:
+            self.owner.cleanup_conversation(plan.conversation_id)
+        job.next_attempt(flags)
+        other = tab if tab is not None and tab.available(time.monotonic()) and tab not in job.cooled \
+            else self.pick_tab(job)
+        if other is None:
+            self.note_upstream_error(tab, err)
+            return False
+        self.assign(job, other)
+        return True
+
+    def job_ended(self, job: Job) -> None:
+        self.jobs.pop(job.id, None)
+        self.dirty.discard(job)      # the route, woken, writes what is left with the ending
+        self.owner.job_ended(job)
+
+    def note_upstream_error(self, tab: "Tab | None", err: ApiError) -> None:
+        if tab is not None:
+            if err.code == "cloudflare_challenge":
+                self.cloudflare_since = time.monotonic()
+            tab.rest(err, self.files.config)
+
+    def flush_dirty(self) -> None:
+        if self.dirty:
+            jobs, self.dirty = self.dirty, set()
+            for job in jobs:
+                if job.sink is not None:
+                    job.sink()
+                else:
+                    job.wake.set()
+
+    def fail_all(self, err: ApiError) -> None:
+        for job in list(self.jobs.values()):
+            job.fail(err)
+        self.flush_dirty()
+
+    # -- tabs --
+    def pick_tab(self, job: Job | None = None, exclude: "Tab | None" = None) -> "Tab | None":
+        now = time.monotonic()
+        best = None
+        for tab in self.tabs:
+            if tab is exclude or not tab.available(now) or (job is not None and tab in job.cooled):
+                continue
+            if best is None or (len(tab.jobs), tab.assigned) < (len(best.jobs), best.assigned):
+                best = tab
+        return best
+
+    def any_tab(self) -> "Tab | None":
+        """A tab for a chore (cleanup): the least busy available one, else any."""
+        return self.pick_tab() or (self.tabs[0] if self.tabs else None)
+
+    def keep_token_ready(self, tab: "Tab") -> None:
+        """Ask the tab to keep a reCAPTCHA token minted ahead for token_ready_seconds from now, so
+        a request finds one ready (minting takes 0.1 s to seconds). Renewed while requests come
+        (at most every quarter window); an idle browser stops asking Google for tokens."""
+        window = self.files.config.token_ready_seconds
+        now = time.monotonic()
+        if window > 0 and now - tab.token_window_at > window / 4:
+            tab.token_window_at = now
+            tab.send({"command": "keep_token_ready", "action": RECAPTCHA_SUBMIT_ACTION, "seconds": window})
+
+    def tab_changed(self) -> None:
+        self.tab_event.set()
+        self.tab_event = asyncio.Event()
+
+    def assign(self, job: Job, tab: "Tab") -> None:
+        job.tab, job.tab_name = tab, tab.name
+        job.last_activity = time.monotonic()
+        job.stages.setdefault("sent", job.last_activity)
+        tab.jobs[job.rid] = job
+        tab.assigned += 1
+        try:
+            sent = tab.send_text(job.message)
+        except Exception:         # never leak a job: whatever failed, it ends with an answer
+            log.exception("task %s: could not send it to %s", job.id[:8], tab.name)
+            sent = False
+        if not sent:
+            job.fail(ApiError(502, "The task could not be sent to the LMArena tab.", "tab_disconnected"),
+                     tell_tab=False)
+
+    def cooling_error(self) -> ApiError | None:
+        """All connected tabs rest after a 429 or a refused check: the client hears it at once."""
+        now = time.monotonic()
+        open_tabs = [t for t in self.tabs if t.proto.state is WsState.OPEN and now >= t.challenged_until]
+        if open_tabs and all(now < t.cool_until for t in open_tabs):
+            wait = max(1, math.ceil(min(t.cool_until for t in open_tabs) - now))
+            return ApiError(429, f"Every LMArena tab is resting after LMArena refused requests (rate limit or "
+                            f"bot check); try again in {wait} s (tab_cooldown_seconds).", "rate_limited",
+                            retry_after=wait)
+        return None
+
+    async def dispatch(self, job: Job) -> None:
+        """Give the job to the least busy tab; after a Cloudflare challenge wait for a tab to return."""
+        tab = self.pick_tab(job)
+        if tab is None:
+            resting = self.cooling_error()
+            if resting is not None:
+                job.fail(resting)
+                return
+            wait = self.files.config.cloudflare_wait_seconds
+            cf_recent = time.monotonic() - self.cloudflare_since < wait
+            if not cf_recent:
+                job.fail(no_tab_error())
+                return
+            end = time.monotonic() + wait
+            while tab is None and time.monotonic() < end and not job.done:
+                event = self.tab_event
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(1.0, end - time.monotonic())):
+                        await event.wait()
+                tab = self.pick_tab(job)
+            if tab is None:
+                job.fail(ApiError(503, "LMArena is showing a Cloudflare check and no tab came back in "
+                                  f"{wait:g} s. Open the LMArena tab and complete the check.",
+                                  "cloudflare_challenge", retry_after=30))
+                return
+        if not job.done:
+            self.assign(job, tab)
+
+    def add_tab(self, tab: "Tab") -> None:
+        self.tabs.append(tab)
+        self.cloudflare_since = 0.0 if tab.available(time.monotonic()) else self.cloudflare_since
+        log.info("%s connected from %s (%d tab%s)", tab.name, shown(tab.origin), len(self.tabs),
+                 "" if len(self.tabs) == 1 else "s")
+        self.owner.tab_joined(tab)
+        self.keep_token_ready(tab)
+        self.tab_changed()
+
+    def remove_tab(self, tab: "Tab") -> None:
+        if tab in self.tabs:
+            self.tabs.remove(tab)
+        orphans = list(tab.jobs.values())
+        tab.jobs.clear()
+        log.info("%s disconnected (%d left%s)", tab.name, len(self.tabs),
+                 f", {len(orphans)} task(s) affected" if orphans else "")
+        for job in orphans:
+            if job.done:
+                continue
+            job.tab = None
+            other = None if (job.received or job.attempt) else self.pick_tab(job, exclude=tab)
+            if other is not None:
+                log.info("task %s: %s vanished before answering; retrying on %s", job.id[:8], tab.name,
+                         other.name)
+                job.next_attempt({})
+                self.assign(job, other)
+            else:
+                job.fail(ApiError(502, "The LMArena tab closed or reloaded while answering. Try again.",
+                                  "tab_disconnected"), tell_tab=False)
+        self.flush_dirty()
+        self.tab_changed()
+
+    def report(self, tab: "Tab", kind: str, msg: dict) -> None:
+        self.owner.tab_report(tab, kind, msg)
+
+    def close_all(self, abort: bool = False) -> None:
+        for tab in list(self.tabs):
+            if abort:
+                tab.transport.abort()
+            else:
+                tab.close(1001, "bridge shutting down")
+
+    async def ping_loop(self) -> None:
+        while True:
+            cfg = self.files.config
+            await asyncio.sleep(cfg.ws_ping_interval_seconds)
+            now = time.monotonic()
+            for tab in list(self.tabs):
+                if now - tab.last_seen > cfg.ws_ping_interval_seconds + cfg.ws_ping_timeout_seconds:
+                    log.warning("%s stopped answering pings; dropping it", tab.name)
+                    tab.transport.abort()
+                else:
+                    tab.ping()
+
+    async def serve_tab(self, conn: "Connection", req: HttpRequest) -> None:
+        origin = req.header("origin") or ""
+        cfg = self.files.config
+        # The head was already parsed by our HTTP layer: one ServerProtocol validates the handshake
+        # and renders the 101 (or the refusal), a second one in state OPEN handles the frames.
+        handshake = ServerProtocol(max_size=WS_MAX_MESSAGE)
+        ws_req = WsRequest(req.target, WsHeaders([(k, v) for k, v in req.headers]))
+        if not (origin_is_lmarena(origin) or origin in cfg.allowed_tab_origins):
+            response = handshake.reject(403, f"Origin {origin or '(none)'} may not connect as a tab: only "
+                                        "LMArena pages (and allowed_tab_origins) may.\n")
+            log.warning("refused a tab socket from origin %s", shown(origin))
+        elif not cfg.allow_remote_tabs and not is_loopback(conn.peer):
+            # A tab sees every prompt; Origin is only a header, so a remote process could forge it.
+            response = handshake.reject(403, "Tabs must run on this machine (allow_remote_tabs).\n")
+            log.warning("refused a tab socket from %s (not this machine)", conn.peer)
+        else:
+            response = handshake.accept(ws_req)
+        if response.status_code != 101:
+            await conn.write(response.serialize())
+            return
+        conn.transport.write(response.serialize())
+        conn.responded = True
+        proto = ServerProtocol(max_size=WS_MAX_MESSAGE, state=WsState.OPEN)
+        tab = Tab(self, proto, conn.transport, origin, conn.peer, f"tab{next(self.tab_counter)}")
+        # No await since the head was read: hand the socket to the tab (a client must wait for the
+        # 101 before sending frames anyway, but whatever came is passed on).
+        leftover = conn.upgrade(tab)
+        self.add_tab(tab)
+        try:
+            if leftover:
+                tab.data_received(leftover)
+            await tab.closed
+        finally:
+            self.remove_tab(tab)
+
+
+# 16. HTTP connection driver =======================================================================
 
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
+
+
 _TCP_ESTABLISHED, _TCP_CLOSE = 1, 7
+
+
 PEER_POLL_SECONDS = 0.15          # how often a socket we cannot read is checked for its client leaving
 
 
@@ -4241,9 +4979,10 @@ class StreamWriter:
         return self.conn.keeps_alive(self.req)
 
 
-# 12. Diagnosis: doctor's checks and the status page (pure) ==========================================
-#     One list of checks, from the config to LMArena, read from /health's detailed view; `python
-#     bridge.py doctor` prints it, `GET /` renders it with the tabs and the recent requests.
+# 17. Diagnosis ====================================================================================
+#    One list of checks, from the config to LMArena, read from /health's detailed view; `python
+#    bridge.py doctor` prints it, `GET /` renders it with the tabs and the recent requests.
+
 
 def _age(seconds) -> str:
     if seconds is None:
@@ -4351,9 +5090,10 @@ td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left;vertical-a
 </body></html>"""
 
 
-# 13. Routes =========================================================================================
-#     `Routes` is given what it works with (the user files, the tab pool, the conversation memory,
-#     the capture, the request statistics) and touches nothing else.
+# 18. Routes =======================================================================================
+#    `Routes` is given what it works with (the user files, the tab pool, the conversation memory,
+#    the capture, the request statistics, the health report) and touches nothing else.
+
 
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
@@ -4387,6 +5127,12 @@ def parse_json_body(body: bytes) -> dict:
     return data
 
 
+def chat_from_body(body: bytes, files: "UserFiles", api: ClientApi) -> ChatRequest:
+    """Body bytes -> the client's conversation, ready for LMArena. Pure; may run in a thread."""
+    cfg = files.config
+    return prepare(api.conversation(parse_json_body(body), cfg), cfg, files.models)
+
+
 async def off_loop(body: bytes, work, *args):
     """Run `work` (pure) on the event loop for small bodies, in a thread for large ones, so one big
     request never stalls the others (/health stays quick while 64 MiB are parsed)."""
@@ -4395,20 +5141,16 @@ async def off_loop(body: bytes, work, *args):
     return await asyncio.to_thread(work, *args)
 
 
-def request_parts(body: bytes, files: "UserFiles", anthropic: bool) -> tuple[dict, "ChatRequest"]:
-    """Body bytes -> (the client's JSON, the translated chat request). Pure; may run in a thread."""
-    data = parse_json_body(body)
-    if anthropic:
-        data = anthropic_to_openai(data)
-    return data, chat_request(data, files.config, files.models)
-
-
 class Routes:
     """The HTTP API. One method per endpoint, each `(conn, req, body, started) -> keep-alive`."""
 
-    def __init__(self, files: "UserFiles", pool: "Bridge", memory: "Conversations", capture: "Capture",
-                 stats: "Stats"):
+    def __init__(self, files: "UserFiles", pool: "TabPool", memory: "Conversations", capture: "Capture",
+                 stats: "Stats", health):
         self.files, self.pool, self.memory, self.capture, self.stats = files, pool, memory, capture, stats
+        self.health = health                    # (detailed) -> the /health answer
+        self.host, self.url = "", ""            # where the server listens: see bound()
+        self.last_api_request = time.monotonic()
+        self.session_counter = itertools.count()  # turns through a model's captured sessions
         self.table = {
             "/v1/chat/completions": {"POST": self.route_chat},
             "/chat/completions": {"POST": self.route_chat},
@@ -4484,10 +5226,13 @@ class Routes:
                 return await conn.send_error(err, req, close=has_body or err.close, body=anthropic_error_body(err))
             return await conn.send_error(err, req, close=has_body or err.close, head_only=req.method == "HEAD")
 
+    def bound(self, host: str, url: str) -> None:
+        self.host, self.url = host, url
+
     def host_allowed(self, host_header: str) -> bool:
         name = _host_name(host_header)
         cfg = self.files.config
-        bound = self.pool.host.lower()
+        bound = self.host.lower()
         if name in _LOCAL_HOSTS or name == cfg.host.lower() or name == bound:
             return True
         if name in (h.lower() for h in cfg.allowed_hosts):
@@ -4520,17 +5265,35 @@ class Routes:
             raise ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <api_key from "
                            "config.jsonc> (or x-api-key).", "invalid_api_key")
 
+    def new_job(self, chat: ChatRequest, memory: Conversations | None) -> Job:
+        """A job for a chat request: its captured session (retry mode, or a model with a pool in
+        model_endpoint_map.json), a follow-up of a remembered conversation, or a new one."""
+        cfg, files = self.files.config, self.files
+        session = followup = new_turns = None
+        if cfg.session_mode == "retry" or chat.model in files.endpoint_map:
+            sessions = session_candidates(chat.model, cfg, files.endpoint_map)
+            session = sessions[next(self.session_counter) % len(sessions)]
+            check_session(session)
+        elif memory is not None and cfg.continue_conversations:
+            found = memory.find(chat)
+            if found is not None:
+                followup, first_new = found
+                new_turns = transcript(chat.turns[first_new:])
+        plan = TaskPlan(chat, cfg, session, followup, new_turns, files.shape)
+        job = Job(self.pool, chat.model, plan, session.side if session else "a", cfg.max_answer_chars)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("task %s prompt: %s", job.id[:8], shown(plan.content()[0] if session is None else
+                                                              json_text(chat.templates), 4000))
+        return job
+
     # -- /v1/chat/completions and /v1/messages --
     async def route_chat(self, conn: Connection, req: HttpRequest, body: bytes, started: float,
                          anthropic: bool = False) -> bool:
-        self.pool.last_api_request = time.monotonic()
-        data, chat = await off_loop(body, request_parts, body, self.files, anthropic)
-        job = self.pool.new_job(chat, self.memory)
-        if anthropic:
-            reply = AnthropicReply(chat.model, chat.stream, chat.prompt_chars, chat.tools, chat.stop)
-        else:
-            reply = OpenAIReply(chat.model, chat.stream, chat.include_usage, chat.prompt_chars, chat.tools,
-                                chat.stop)
+        self.last_api_request = time.monotonic()
+        api = ANTHROPIC_MESSAGES if anthropic else OPENAI_CHAT
+        chat = await off_loop(body, chat_from_body, body, self.files, api)
+        job = self.new_job(chat, self.memory)
+        reply = api.reply(chat)
         reply.on_stop = job.stop_early
         self.pool.start_job(job)
         conn.watch(job.on_client_gone)
@@ -4559,7 +5322,7 @@ class Routes:
 
     async def route_count_tokens(self, conn, req, body, started) -> bool:
         data = await off_loop(body, parse_json_body, body)
-        count = count_input_tokens(data)
+        count = count_input_tokens(data, self.files.config)
         self.stats.log(req, 200, started)
         return await conn.send_json(200, {"input_tokens": count}, req=req)
 
@@ -4601,7 +5364,7 @@ class Routes:
 
     # -- /v1/images/generations --
     async def route_images(self, conn: Connection, req: HttpRequest, body: bytes, started: float) -> bool:
-        self.pool.last_api_request = time.monotonic()
+        self.last_api_request = time.monotonic()
         data = await off_loop(body, parse_json_body, body)
         prompt = data.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -4624,9 +5387,8 @@ class Routes:
                     raise ApiError(400, "No image model is known: set 'model' to an image model of "
                                    "models.json or set default_image_model.", "invalid_model")
                 model = image_models[0]
-        chat = chat_request({"model": model, "messages": [{"role": "user", "content": prompt}]},
-                            self.files.config, models)
-        jobs = [self.pool.new_job(chat, None) for _ in range(n)]
+        chat = prepare(Conversation(model, [Turn("user", prompt)]), self.files.config, models)
+        jobs = [self.new_job(chat, None) for _ in range(n)]
         for job in jobs:
             self.pool.start_job(job)
         conn.watch(lambda: [j.on_client_gone() for j in jobs])
@@ -4689,7 +5451,7 @@ class Routes:
 
     async def route_health(self, conn, req, body, started) -> bool:
         self.files.refresh()
-        status = self.pool.health(detailed=self.trusted(conn, req))
+        status = self.health(detailed=self.trusted(conn, req))
         return await conn.send_json(200, status, req=req, head_only=req.method == "HEAD")
 
     async def route_index(self, conn, req, body, started) -> bool:
@@ -4697,13 +5459,13 @@ class Routes:
         detailed = self.trusted(conn, req)
         accept = req.header("accept") or ""
         if "text/html" in accept or "json" not in accept:
-            page = status_page(self.pool.health(detailed=detailed), doctor_checks(self.pool.health(True)))
+            page = status_page(self.health(detailed=detailed), doctor_checks(self.health(True)))
             return await conn.send(200, wire_bytes(page), "text/html; charset=utf-8", req=req,
                                    head_only=req.method == "HEAD",
                                    extra=[("Cache-Control", "no-store"),
                                           ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'")])
         return await conn.send_json(200, {"name": "LMArena Bridge", "version": VERSION,
-                                          "api_base": f"{self.pool.url}/v1", "health": "/health"},
+                                          "api_base": f"{self.url}/v1", "health": "/health"},
                                     req=req, head_only=req.method == "HEAD")
 
     # -- /internal/id_capture --
@@ -4737,73 +5499,7 @@ class Routes:
         return await conn.send_json(200, result, req=req)
 
 
-# 14. The Bridge: tabs, jobs, conversations, capture ==================================================
-
-class Conversations:
-    """Recent conversations the bridge started (create mode), so a client that sends one back with
-    our exact answer plus new turns is continued with only the new turns (2.3). Bounded by count and
-    age. A conversation is remembered only after a clean answer, always under its latest state (an
-    older prefix must never continue it), and forgotten when a follow-up fails."""
-
-    @dataclasses.dataclass(slots=True)
-    class Entry:
-        id: str
-        key: str
-        used: float
-
-    def __init__(self, limit: int = 256, max_age: float = 6 * 3600, on_evict=None):
-        self.limit, self.max_age, self.on_evict = limit, max_age, on_evict
-        self.by_key: dict[str, Conversations.Entry] = {}       # insertion order = age of last use
-
-    @staticmethod
-    def head(chat: ChatRequest) -> str:
-        return json_text([chat.model, chat.ref.id, chat.ref.modality, chat.tools_prompt])
-
-    def find(self, chat: ChatRequest):
-        """(entry, index of the first new message) when the request continues a conversation."""
-        if not self.by_key or not any(m.get("role") == "assistant" for m in chat.messages[1:-1]):
-            return None
-        self.expire()
-        digests = chain_digests(self.head(chat), chat.fingerprints)
-        msgs = chat.messages
-        for k in range(len(msgs) - 2, 0, -1):
-            if msgs[k].get("role") != "assistant":
-                continue
-            entry = self.by_key.get(digests[k + 1])
-            if entry is not None:
-                if any(m.get("role") != "assistant" for m in msgs[k + 1:]):
-                    return entry, k + 1
-                return None
-        return None
-
-    def remember(self, job: "Job", reply) -> None:
-        plan = job.plan
-        if plan is None or plan.session is not None or plan.conversation_id is None or job.error:
-            return
-        chat = plan.chat
-        if plan.followup is not None:
-            self.by_key.pop(plan.followup.key, None)
-        key = chain_digests(self.head(chat), chat.fingerprints + ["assistant|" + reply.answer_key()])[-1]
-        self.by_key[key] = self.Entry(plan.conversation_id, key, time.monotonic())
-        while len(self.by_key) > self.limit:
-            self._evict(next(iter(self.by_key.values())))
-
-    def forget(self, entry) -> None:
-        if self.by_key.pop(entry.key, None) is not None:
-            log.info("conversation %s will not be continued again", entry.id[:8])
-            if self.on_evict:
-                self.on_evict(entry.id)
-
-    def expire(self) -> None:
-        now = time.monotonic()
-        for entry in [e for e in self.by_key.values() if now - e.used > self.max_age]:
-            self._evict(entry)
-
-    def _evict(self, entry) -> None:
-        self.by_key.pop(entry.key, None)
-        if self.on_evict:
-            self.on_evict(entry.id)
-
+# 19. The bridge ===================================================================================
 
 class Capture:
     """Arming the tabs for the next Retry click (`python bridge.py capture`) and waiting for it.
@@ -4914,35 +5610,35 @@ class Stats:
 
 
 class Bridge:
-    """Owns the tabs, the jobs, the servers and the background tasks; the routes get what they use.
-    Tests build several on port 0 in one process."""
+    """The server: listens, owns the tab pool, the conversation memory, capture, stats and the
+    background loops, and answers what tabs report (PoolOwner). Tests build several on port 0 in
+    one process."""
 
     def __init__(self, files: UserFiles, host: str | None = None, port: int | None = None):
         self.files = files
         self.host = host if host is not None else files.config.host
         self.port = port if port is not None else files.config.port
-        self.tabs: list[Tab] = []
-        self.jobs: dict[str, Job] = {}
-        self.dirty: set[Job] = set()
-        self.first_output = False              # a job got its first text while a tab's frames are handled
-        self.tab_counter = itertools.count(1)
-        self.pool_counter = itertools.count()
-        self.tab_event = asyncio.Event()       # set (and replaced) whenever tabs come or go
-        self.cloudflare_since = 0.0
         self.connections: set[Connection] = set()
         self.server: asyncio.base_events.Server | None = None
-        self.last_api_request = time.monotonic()
         self.stopping = False
         self.background: set[asyncio.Task] = set()
         self.restart_requested = False
         self.exit_event = asyncio.Event()     # set by SIGINT/SIGTERM or the idle restart
         self.update_notice: str | None = None
-        self.models_at: float | None = None   # when the tab last reported the model list
-        self.shape, self.shape_at = self.load_shape()
+        files.load_shape()
+        self.pool = TabPool(files, self)
         self.capture = Capture()
         self.stats = Stats()
         self.memory = Conversations(on_evict=self.cleanup_conversation)
-        self.routes = Routes(files, self, self.memory, self.capture, self.stats)
+        self.routes = Routes(files, self.pool, self.memory, self.capture, self.stats, self.health)
+
+    @property
+    def tabs(self) -> list:
+        return self.pool.tabs
+
+    @property
+    def jobs(self) -> dict:
+        return self.pool.jobs
 
     # -- lifecycle --
     async def start(self) -> None:
@@ -4951,7 +5647,8 @@ class Bridge:
             lambda: Connection(self), self.host, self.port, backlog=1024)
         sock = self.server.sockets[0].getsockname()
         self.port = sock[1]
-        self.spawn(self.ping_loop())
+        self.routes.bound(self.host, self.url)
+        self.spawn(self.pool.ping_loop())
         self.spawn(self.idle_restart_loop())
         if cfg.enable_auto_update and cfg.update_url:
             self.spawn(self.update_check())
@@ -4978,11 +5675,8 @@ class Bridge:
         self.stopping = True
         if self.server is not None:
             self.server.close()
-        for job in list(self.jobs.values()):
-            job.fail(ApiError(503, "The bridge is shutting down.", "bridge_shutdown"))
-        self.flush_dirty()
-        for tab in list(self.tabs):
-            tab.close(1001, "bridge shutting down")
+        self.pool.fail_all(ApiError(503, "The bridge is shutting down.", "bridge_shutdown"))
+        self.pool.close_all()
         for conn in list(self.connections):
             if not conn.busy:
                 conn.transport.abort()
@@ -4991,10 +5685,9 @@ class Bridge:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.transport.abort()
-        for tab in list(self.tabs):
-            tab.transport.abort()
+        self.pool.close_all(abort=True)
         current = asyncio.current_task()
-        tasks = [t for t in self.background if t is not current]
+        tasks = [t for t in self.background | self.pool.tasks if t is not current]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -5003,90 +5696,8 @@ class Bridge:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.server.wait_closed(), 1)
 
-    # -- jobs --
-    def new_job(self, chat: ChatRequest, memory: Conversations | None) -> Job:
-        """A job for a chat request: its captured session (retry mode, or a model with a pool in
-        model_endpoint_map.json), a follow-up of a remembered conversation, or a new one."""
-        cfg, files = self.files.config, self.files
-        session = followup = new_turns = None
-        if cfg.session_mode == "retry" or chat.model in files.endpoint_map:
-            pool = session_candidates(chat.model, cfg, files.endpoint_map)
-            session = pool[next(self.pool_counter) % len(pool)]
-            check_session(session)
-        elif memory is not None and cfg.continue_conversations:
-            found = memory.find(chat)
-            if found is not None:
-                followup, first_new = found
-                plain = tool_history_text(chat.messages[first_new - 1:])[1:]
-                new_turns = openai_to_templates(plain, tavern=False, bypass=False, is_image=chat.ref.is_image,
-                                                mode="direct_chat", target="A",
-                                                attachment_limit=cfg.max_attachment_bytes)
-        plan = TaskPlan(chat, cfg, session, followup, new_turns, self.shape)
-        job = Job(self, chat.model, plan, session.side if session else "a", cfg.max_answer_chars)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("task %s prompt: %s", job.id[:8], shown(plan.content()[0] if session is None else
-                                                              json_text(chat.templates), 4000))
-        return job
-
-    def start_job(self, job: Job) -> None:
-        self.jobs[job.id] = job
-        for tab in self.tabs:
-            self.keep_token_ready(tab)
-        tab = self.pick_tab(job)
-        if tab is not None:
-            self.assign(job, tab)
-        else:                     # no tab right now: fail at once, or wait after a Cloudflare check
-            job.dispatcher = self.spawn(self.dispatch(job))
-
-    async def wait_job(self, job: Job, until_first: float | None = None) -> None:
-        """Wait until the job ends (or, with `until_first`, until the tab's first message or that
-        deadline), enforcing stream_response_timeout_seconds."""
-        while not job.done and not (until_first is not None and job.received):
-            now = time.monotonic()
-            left = job.idle_left(self.files.config.stream_response_timeout_seconds, now)
-            if left <= 0 or (until_first is not None and now >= until_first):
-                return
-            if until_first is not None:
-                left = min(left, until_first - now)
-            await job.woken(left)
-
-    def retry_job(self, job: Job, err: ApiError) -> bool:
-        """An attempt failed before any output: try again when that can help (a follow-up as a new
-        conversation; a refused token with a fresh one, then the v2 check, on the same tab; another
-        tab after a 429); True when a new attempt is under way."""
-        tab, plan = job.tab, job.plan
-        followup = plan.followup is not None
-        flags = retry_plan(err, followup, job.attempt) if job.attempt < 4 else None
-        if flags is not None and followup:
-            log.info("task %s: the follow-up failed (%s); starting a new conversation", job.id[:8], err.code)
-            self.memory.forget(plan.followup)
-        elif flags is not None:
-            log.info("task %s: %s refused; trying again (%s)", job.id[:8], err.code, json_text(flags))
-        else:
-            self.note_upstream_error(tab, err)          # cools the tab after a 429 or a final refusal
-            if err.code in ("rate_limited", "recaptcha_failed") and tab is not None and job.attempt < 4:
-                job.cooled.add(tab)
-                if self.pick_tab(job) is not None:
-                    flags = {}
-        if flags is None:
-            return False
-        if tab is not None:
-            tab.jobs.pop(job.rid, None)
-        job.tab = None
-        if plan.created and plan.conversation_id and not followup:
-            self.cleanup_conversation(plan.conversation_id)
-        job.next_attempt(flags)
-        other = tab if tab is not None and tab.available(time.monotonic()) and tab not in job.cooled \
-            else self.pick_tab(job)
-        if other is None:
-            self.note_upstream_error(tab, err)
-            return False
-        self.assign(job, other)
-        return True
-
+    # -- PoolOwner: the conversation memory and what tabs report --
     def job_ended(self, job: Job) -> None:
-        self.jobs.pop(job.id, None)
-        self.dirty.discard(job)      # the route, woken, writes what is left with the ending
         plan = job.plan
         if plan is None or plan.session is not None or not plan.conversation_id:
             return
@@ -5097,194 +5708,30 @@ class Bridge:
         elif failed or not self.files.config.continue_conversations:
             self.cleanup_conversation(plan.conversation_id)
 
-    # -- tabs --
-    def pick_tab(self, job: Job | None = None, exclude: Tab | None = None) -> Tab | None:
-        now = time.monotonic()
-        best = None
-        for tab in self.tabs:
-            if tab is exclude or not tab.available(now) or (job is not None and tab in job.cooled):
-                continue
-            if best is None or (len(tab.jobs), tab.assigned) < (len(best.jobs), best.assigned):
-                best = tab
-        return best
+    def forget_followup(self, entry) -> None:
+        self.memory.forget(entry)
 
-    def keep_token_ready(self, tab: Tab) -> None:
-        """Ask the tab to keep a reCAPTCHA token minted ahead for token_ready_seconds from now, so
-        a request finds one ready (minting takes 0.1 s to seconds). Renewed while requests come
-        (at most every quarter window); an idle browser stops asking Google for tokens."""
-        window = self.files.config.token_ready_seconds
-        now = time.monotonic()
-        if window > 0 and now - tab.token_window_at > window / 4:
-            tab.token_window_at = now
-            tab.send({"command": "keep_token_ready", "action": RECAPTCHA_SUBMIT_ACTION, "seconds": window})
-
-    def tab_changed(self) -> None:
-        self.tab_event.set()
-        self.tab_event = asyncio.Event()
-
-    def assign(self, job: Job, tab: Tab) -> None:
-        job.tab, job.tab_name = tab, tab.name
-        job.last_activity = time.monotonic()
-        job.stages.setdefault("sent", job.last_activity)
-        tab.jobs[job.rid] = job
-        tab.assigned += 1
-        try:
-            sent = tab.send_text(job.message)
-        except Exception:         # never leak a job: whatever failed, it ends with an answer
-            log.exception("task %s: could not send it to %s", job.id[:8], tab.name)
-            sent = False
-        if not sent:
-            job.fail(ApiError(502, "The task could not be sent to the LMArena tab.", "tab_disconnected"),
-                     tell_tab=False)
-
-    def cooling_error(self) -> ApiError | None:
-        """All connected tabs rest after a 429 or a refused check: the client hears it at once."""
-        now = time.monotonic()
-        open_tabs = [t for t in self.tabs if t.proto.state is WsState.OPEN and now >= t.challenged_until]
-        if open_tabs and all(now < t.cool_until for t in open_tabs):
-            wait = max(1, math.ceil(min(t.cool_until for t in open_tabs) - now))
-            return ApiError(429, f"Every LMArena tab is resting after LMArena refused requests (rate limit or "
-                            f"bot check); try again in {wait} s (tab_cooldown_seconds).", "rate_limited",
-                            retry_after=wait)
-        return None
-
-    async def dispatch(self, job: Job) -> None:
-        """Give the job to the least busy tab; after a Cloudflare challenge wait for a tab to return."""
-        tab = self.pick_tab(job)
-        if tab is None:
-            resting = self.cooling_error()
-            if resting is not None:
-                job.fail(resting)
-                return
-            wait = self.files.config.cloudflare_wait_seconds
-            cf_recent = time.monotonic() - self.cloudflare_since < wait
-            if not cf_recent:
-                job.fail(no_tab_error())
-                return
-            end = time.monotonic() + wait
-            while tab is None and time.monotonic() < end and not job.done:
-                event = self.tab_event
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(1.0, end - time.monotonic())):
-                        await event.wait()
-                tab = self.pick_tab(job)
-            if tab is None:
-                job.fail(ApiError(503, "LMArena is showing a Cloudflare check and no tab came back in "
-                                  f"{wait:g} s. Open the LMArena tab and complete the check.",
-                                  "cloudflare_challenge", retry_after=30))
-                return
-        if not job.done:
-            self.assign(job, tab)
-
-    def note_upstream_error(self, tab: Tab | None, err: ApiError) -> None:
-        if tab is None:
+    def cleanup_conversation(self, conversation_id: str) -> None:
+        """Archive or delete a conversation the bridge created and can no longer continue."""
+        action = self.files.config.conversation_cleanup
+        if action == "keep":
             return
-        tab.last_error = f"{err.code}: {err.message[:200]}"
-        now = time.monotonic()
-        if err.code in ("rate_limited", "recaptcha_failed"):
-            rest = err.retry_after or self.files.config.tab_cooldown_seconds
-            tab.cool_until = max(tab.cool_until, now + rest)
-            log.warning("%s rests for %g s after %s", tab.name, rest, err.code)
-        elif err.code == "model_unavailable":
-            tab.send({"command": "send_models"})     # the list is stale: refresh it
-        elif err.code == "cloudflare_challenge":
-            self.cloudflare_since = now
-            tab.challenged_until = now + self.files.config.cloudflare_wait_seconds
-            if not tab.refresh_sent:
-                tab.refresh_sent = True
-                log.warning("%s hit a Cloudflare check; asking it to reload", tab.name)
-                tab.send({"command": "refresh"})
+        tab = self.pool.any_tab()
+        if tab is not None:
+            tab.send({"command": "cleanup_conversation", "id": conversation_id, "action": action})
 
-    def add_tab(self, tab: Tab) -> None:
-        self.tabs.append(tab)
-        self.cloudflare_since = 0.0 if tab.available(time.monotonic()) else self.cloudflare_since
-        log.info("%s connected from %s (%d tab%s)", tab.name, shown(tab.origin), len(self.tabs),
-                 "" if len(self.tabs) == 1 else "s")
+    def tab_joined(self, tab: Tab) -> None:
         if self.capture.settings is not None:
             tab.send(self.capture.command())
-        self.keep_token_ready(tab)
-        self.tab_changed()
 
-    def remove_tab(self, tab: Tab) -> None:
-        if tab in self.tabs:
-            self.tabs.remove(tab)
-        orphans = list(tab.jobs.values())
-        tab.jobs.clear()
-        log.info("%s disconnected (%d left%s)", tab.name, len(self.tabs),
-                 f", {len(orphans)} task(s) affected" if orphans else "")
-        for job in orphans:
-            if job.done:
-                continue
-            job.tab = None
-            other = None if (job.received or job.attempt) else self.pick_tab(job, exclude=tab)
-            if other is not None:
-                log.info("task %s: %s vanished before answering; retrying on %s", job.id[:8], tab.name,
-                         other.name)
-                job.next_attempt({})
-                self.assign(job, other)
-            else:
-                job.fail(ApiError(502, "The LMArena tab closed or reloaded while answering. Try again.",
-                                  "tab_disconnected"), tell_tab=False)
-        self.flush_dirty()
-        self.tab_changed()
+    def tab_report(self, tab: Tab, kind: str, msg: dict) -> None:
+        if kind == "ids_captured":
+            self.on_ids_captured(tab, msg.get("session_id"), msg.get("message_id"))
+        elif kind == "models":
+            self.on_models(tab, msg.get("models"))
+        elif kind == "request_shape":
+            self.on_request_shape(tab, msg.get("endpoint"), msg.get("body"))
 
-    def flush_dirty(self) -> None:
-        if self.dirty:
-            jobs, self.dirty = self.dirty, set()
-            for job in jobs:
-                if job.sink is not None:
-                    job.sink()
-                else:
-                    job.wake.set()
-
-    async def ping_loop(self) -> None:
-        while True:
-            cfg = self.files.config
-            await asyncio.sleep(cfg.ws_ping_interval_seconds)
-            now = time.monotonic()
-            for tab in list(self.tabs):
-                if now - tab.last_seen > cfg.ws_ping_interval_seconds + cfg.ws_ping_timeout_seconds:
-                    log.warning("%s stopped answering pings; dropping it", tab.name)
-                    tab.transport.abort()
-                else:
-                    tab.ping()
-
-    async def serve_tab(self, conn: Connection, req: HttpRequest) -> None:
-        origin = req.header("origin") or ""
-        cfg = self.files.config
-        # The head was already parsed by our HTTP layer: one ServerProtocol validates the handshake
-        # and renders the 101 (or the refusal), a second one in state OPEN handles the frames.
-        handshake = ServerProtocol(max_size=WS_MAX_MESSAGE)
-        ws_req = WsRequest(req.target, WsHeaders([(k, v) for k, v in req.headers]))
-        if not (origin_is_lmarena(origin) or origin in cfg.allowed_tab_origins):
-            response = handshake.reject(403, f"Origin {origin or '(none)'} may not connect as a tab: only "
-                                        "LMArena pages (and allowed_tab_origins) may.\n")
-            log.warning("refused a tab socket from origin %s", shown(origin))
-        elif not cfg.allow_remote_tabs and not is_loopback(conn.peer):
-            # A tab sees every prompt; Origin is only a header, so a remote process could forge it.
-            response = handshake.reject(403, "Tabs must run on this machine (allow_remote_tabs).\n")
-            log.warning("refused a tab socket from %s (not this machine)", conn.peer)
-        else:
-            response = handshake.accept(ws_req)
-        if response.status_code != 101:
-            await conn.write(response.serialize())
-            return
-        conn.transport.write(response.serialize())
-        conn.responded = True
-        proto = ServerProtocol(max_size=WS_MAX_MESSAGE, state=WsState.OPEN)
-        tab = Tab(self, proto, conn.transport, origin, conn.peer)
-        # No await since the head was read: hand the socket to the tab (a client must wait for the
-        # 101 before sending frames anyway, but whatever came is passed on).
-        leftover = conn.upgrade(tab)
-        self.add_tab(tab)
-        try:
-            if leftover:
-                tab.data_received(leftover)
-            await tab.closed
-        finally:
-            self.remove_tab(tab)
-
-    # -- what tabs report: captured ids, models, the request shape --
     def on_ids_captured(self, tab: Tab, session_id, message_id) -> None:
         settings = self.capture.settings
         if settings is None:
@@ -5293,9 +5740,9 @@ class Bridge:
         if is_placeholder_id(session_id) or is_placeholder_id(message_id):
             log.warning("%s reported ids that are not UUIDs; ignored", tab.name)
             return
-        self.capture.disarm([t for t in self.tabs if t is not tab])
+        self.capture.disarm([t for t in self.pool.tabs if t is not tab])
         try:
-            written = self.store_session(session_id, message_id, settings)
+            written = self.files.store_session(session_id, message_id, settings)
         except (OSError, ValueError, ConfigError) as exc:
             result = {"error": f"captured the ids but could not save them: {exc}"}
             log.error("%s", result["error"])
@@ -5308,119 +5755,33 @@ class Bridge:
                      os.path.basename(written))
         self.capture.resolve(result)
 
-    def store_session(self, session_id: str, message_id: str, settings: dict) -> str:
-        """Write captured ids: into config.jsonc, or into a model's pool in model_endpoint_map.json."""
-        model = settings.get("model")
-        files = self.files
-        if not model:
-            path = files.config_path
-            text = _read_text(path)
-            new = jsonc_update(text, {"session_id": session_id, "message_id": message_id,
-                                      "id_updater_last_mode": settings["mode"],
-                                      "id_updater_battle_target": settings["target"]})
-            cfg = files._config_value(path, parse_json_file(path, new))
-            atomic_write(path, new)
-            files.note_written(path)
-            files.config = cfg
-            return path
-        path = files.map_path
-        text = _read_text(path)
-        current = parse_json_file(path, text) if text and text.strip() else {}
-        entry = {"session_id": session_id, "message_id": message_id, "mode": settings["mode"],
-                 "battle_target": settings["target"]}
-        existing = current.get(model)
-        pool = [] if existing is None else (existing if isinstance(existing, list) else [existing])
-        pool = [e for e in pool if not (isinstance(e, dict) and e.get("session_id") == session_id
-                                        and e.get("message_id") == message_id)] + [entry]
-        new = jsonc_update(text, {model: pool})
-        mapping = validate_endpoint_map(path, parse_json_file(path, new))
-        atomic_write(path, new)
-        files.note_written(path)
-        files.endpoint_map = mapping
-        return path
-
     def on_models(self, tab: Tab, models) -> None:
         if not isinstance(models, list):
             log.debug("%s sent a models report without a list", tab.name)
             return
-        self.models_at = time.time()
         try:
-            self.merge_models(models)
+            self.files.merge_models(models)
         except (OSError, ValueError, ConfigError) as exc:
             log.error("could not update %s: %s", MODELS_NAME, exc)
-
-    def merge_models(self, page_models: list) -> dict:
-        """Merge the page's model list into models.json: add new, update changed ids, keep the rest
-        (entries the user wrote by hand stay as they are unless the page knows the name)."""
-        path = self.files.models_path
-        text = _read_text(path)
-        current = parse_json_file(path, text) if text and text.strip() else {}
-        updates, added, changed = {}, [], []
-        for name, value in page_model_entries(page_models).items():
-            if name not in current:
-                added.append(name)
-            elif current[name] != value:
-                changed.append(name)
-            else:
-                continue
-            updates[name] = value
-        if not updates:
-            log.info("model list from the page: %d models, models.json already up to date", len(page_models))
-            return {}
-        new = jsonc_update(text, updates)
-        models = validate_models(path, parse_json_file(path, new))
-        atomic_write(path, new)
-        self.files.note_written(path)
-        self.files.models = models
-        log.info("models.json updated: %d added%s, %d changed%s", len(added),
-                 f" ({shown(', '.join(added[:5]), 200)}{'...' if len(added) > 5 else ''})" if added else "",
-                 len(changed), f" ({shown(', '.join(changed[:5]), 200)})" if changed else "")
-        return updates
-
-    def load_shape(self) -> tuple[dict | None, float | None]:
-        """The request shape learned from the page, kept beside the config across restarts."""
-        path = self.files.shape_path
-        try:
-            value, text = read_json_file(path, None)
-        except ConfigError as exc:
-            log.warning("ignoring %s: %s", SHAPE_NAME, exc)
-            return None, None
-        if not isinstance(value, dict) or not isinstance(value.get("body"), dict):
-            return None, None
-        at = value.get("learned_at")
-        return value["body"], at if isinstance(at, (int, float)) else None
 
     def on_request_shape(self, tab: Tab, endpoint, body) -> None:
         shape = learned_shape(endpoint, body)
         if shape is None:
             log.debug("%s sent an unusable request shape; ignored", tab.name)
             return
-        now = time.time()
-        changed = shape != self.shape
-        self.shape, self.shape_at = shape, now
-        if changed:
+        if shape != self.files.shape:
             log.info("learned LMArena's request shape from %s (fields: %s)", tab.name,
                      shown(", ".join(sorted(shape)), 200))
-        with contextlib.suppress(OSError):
-            atomic_write(self.files.shape_path, json.dumps({"learned_at": now, "endpoint": endpoint,
-                                                            "body": shape}, indent=2) + "\n")
-
-    def cleanup_conversation(self, conversation_id: str) -> None:
-        """Archive or delete a conversation the bridge created and can no longer continue."""
-        action = self.files.config.conversation_cleanup
-        if action == "keep":
-            return
-        tab = self.pick_tab() or (self.tabs[0] if self.tabs else None)
-        if tab is not None:
-            tab.send({"command": "cleanup_conversation", "id": conversation_id, "action": action})
+        self.files.save_shape(endpoint, shape)
 
     def health(self, detailed: bool) -> dict:
         now = time.monotonic()
-        status = {"status": "ok", "version": VERSION, "tabs": len(self.tabs), "tasks_in_flight": len(self.jobs),
-                  "models": len(self.files.models), "session_mode": self.files.config.session_mode,
+        tabs, files = self.pool.tabs, self.files
+        status = {"status": "ok", "version": VERSION, "tabs": len(tabs), "tasks_in_flight": len(self.pool.jobs),
+                  "models": len(files.models), "session_mode": files.config.session_mode,
                   "capture_armed": self.capture.settings is not None,
-                  "hint": None if self.tabs else "No tab connected: open arena.ai with the userscript "
-                                                  "installed; its title starts with ✅ when connected."}
+                  "hint": None if tabs else "No tab connected: open arena.ai with the userscript "
+                                            "installed; its title starts with ✅ when connected."}
         if self.update_notice:
             status["update_available"] = self.update_notice
         if not detailed:
@@ -5429,17 +5790,18 @@ class Bridge:
             {"name": t.name, "userscript": t.version, "url": t.url, "tasks": len(t.jobs),
              "cloudflare_check": now < t.challenged_until,
              "resting_seconds": max(0, round(t.cool_until - now)), "status": t.status,
-             "last_error": t.last_error} for t in self.tabs]
-        status["config"] = {"path": self.files.config_path, "error": self.files.last_error}
-        status["models_reported_at"] = self.models_at
-        status["request_shape"] = {"fields": sorted(self.shape) if self.shape else [],
-                                   "age_seconds": round(time.time() - self.shape_at) if self.shape_at else None}
+             "last_error": t.last_error} for t in tabs]
+        status["config"] = {"path": files.config_path, "error": files.last_error}
+        status["models_reported_at"] = files.models_at
+        status["request_shape"] = {"fields": sorted(files.shape) if files.shape else [],
+                                   "age_seconds": round(time.time() - files.shape_at) if files.shape_at else None}
         status["conversations_remembered"] = len(self.memory.by_key)
         status["stages_ms"] = self.stats.stage_percentiles()
         status["recent_requests"] = list(self.stats.recent)[-20:]
         return status
 
     # -- background --
+
     async def idle_restart_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -5447,10 +5809,10 @@ class Bridge:
             timeout = cfg.idle_restart_timeout_seconds
             if not cfg.enable_idle_restart or timeout < 0:
                 continue
-            if self.jobs or time.monotonic() - self.last_api_request < timeout:
+            if self.pool.jobs or time.monotonic() - self.routes.last_api_request < timeout:
                 continue
             log.info("no API requests for %g s: asking tabs to reconnect and restarting", timeout)
-            for tab in list(self.tabs):
+            for tab in list(self.pool.tabs):
                 tab.send({"command": "reconnect"})
             self.restart_requested = True
             await asyncio.sleep(0.2)
@@ -5469,15 +5831,7 @@ class Bridge:
                      manifest["version"], VERSION)
 
 
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
-# 15. Updates and image downloads (blocking; run in threads or from the CLI) ========================
+# 20. Updates and image downloads ==================================================================
 
 def version_tuple(v) -> tuple:
     return tuple(int(x) for x in re.findall(r"\d+", str(v))[:4]) or (0,)
@@ -5560,9 +5914,11 @@ def run_update(files: UserFiles, out=print, target_dir: str = HERE) -> int:
     return 0
 
 
-# 16. Command line ===================================================================================
+# 21. Command line =================================================================================
 
 SUBCOMMANDS = ("serve", "capture", "models", "update", "doctor")
+
+
 USAGE_EPILOG = """commands:
   (none) / serve   run the bridge (the default)
   capture          capture session ids from your next Retry click (advanced: captured sessions)

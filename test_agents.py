@@ -9,7 +9,6 @@ Needs `anthropic>=0.40` (requirements-dev.txt); without it the Anthropic SDK tes
 Run: python -m unittest -v test_agents
 """
 import base64
-import itertools
 import json
 import time
 import unittest
@@ -19,9 +18,9 @@ import openai
 from bridge import ApiError
 from bridge import (AnthropicEvents, StopSequenceFilter, ToolCallReader,
                     anthropic_error_body, anthropic_error_type, anthropic_message,
-                    anthropic_stop_reason, anthropic_to_openai, count_input_tokens,
+                    anthropic_stop_reason, count_input_tokens,
                     openai_message_tool_calls, openai_tool_call_delta,
-                    parse_tools, tool_history_text, tool_prompt)
+                    parse_tools, tool_prompt)
 from testsupport import BridgeCase, lines, MODEL_UUID
 
 try:
@@ -267,7 +266,7 @@ class ParseToolsTests(unittest.TestCase):
     def test_legacy_functions(self):
         """The legacy 'functions' list is accepted; parameters default to an empty object schema."""
         spec = parse_tools({"functions": [{"name": "ping"}]})
-        self.assertEqual(spec.tools, (("ping", "", {"type": "object", "properties": {}}),))
+        self.assertEqual(spec.tools, (bridge.Tool("ping", "", {"type": "object", "properties": {}}),))
 
     def test_bad_shapes_name_the_field(self):
         """Bad shapes give 400 naming the offending field."""
@@ -347,62 +346,60 @@ HISTORY = [
 ]
 
 
+def history(messages):
+    """OpenAI messages -> the transcript templates the bridge sends."""
+    return bridge.transcript(bridge.openai_turns(messages, bridge.Attachments(2**20)))
+
+
+def plain(text, role="user"):
+    return {"role": role, "content": text, "attachments": []}
+
+
 class HistoryTests(unittest.TestCase):
 
     def test_calls_and_results_become_text(self):
         """Assistant tool_calls become blocks in its text; results become one user message naming the calls."""
-        out = tool_history_text(HISTORY)
-        self.assertIs(out[0], HISTORY[0])
-        self.assertIs(out[1], HISTORY[1])
-        self.assertEqual(out[2], {"role": "assistant", "content":
-                                  'Checking.\n\n<tool_call>\n{"name": "get_weather", "arguments": '
-                                  '{"city": "Paris"}}\n</tool_call>\n<tool_call>\n{"name": "search", '
-                                  '"arguments": {}}\n</tool_call>'})
-        self.assertEqual(out[3], {"role": "user", "content":
-                                  '<tool_result name="get_weather" id="call_1">\nSunny, 21 C\n'
-                                  '</tool_result>\n<tool_result name="search" id="call_2">\nNo news.\n'
-                                  '</tool_result>'})
-        self.assertIs(out[4], HISTORY[5])
+        out = history(HISTORY)
+        self.assertEqual(out[0], plain("Be brief.", "system"))
+        self.assertEqual(out[1], plain("Weather in Paris and news?"))
+        self.assertEqual(out[2], plain('Checking.\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+                                       '{"city": "Paris"}}\n</tool_call>\n<tool_call>\n{"name": "search", '
+                                       '"arguments": {}}\n</tool_call>', "assistant"))
+        self.assertEqual(out[3], plain('<tool_result name="get_weather" id="call_1">\nSunny, 21 C\n'
+                                       '</tool_result>\n<tool_result name="search" id="call_2">\nNo news.\n'
+                                       '</tool_result>'))
+        self.assertEqual(out[4], plain("Thanks"))
         self.assertEqual(len(out), 5)
 
     def test_history_blocks_read_back_by_reader(self):
         """The assistant text made from tool_calls is read back as the same calls."""
-        text = tool_history_text(HISTORY)[2]["content"]
+        text = history(HISTORY)[2]["content"]
         got, calls, _ = run_reader([text])
         self.assertEqual(got, "Checking.\n\n\n")
         self.assertEqual([(c["name"], c["arguments"]) for c in calls],
                          [("get_weather", '{"city":"Paris"}'), ("search", "{}")])
 
-    def test_output_fits_bridge_templates(self):
-        """The converted history is accepted by bridge.openai_to_templates."""
-        templates = bridge.openai_to_templates(tool_history_text(HISTORY), tavern=False, bypass=False,
-                                               is_image=False, mode="direct_chat", target="A",
-                                               attachment_limit=2**20)
-        self.assertEqual([t["role"] for t in templates],
-                         ["system", "user", "assistant", "user", "user"])
-
     def test_legacy_function_messages(self):
         """Legacy function_call and role function messages are converted too."""
-        out = tool_history_text([
+        out = history([
             {"role": "assistant", "content": None,
              "function_call": {"name": "search", "arguments": '{"q": "a"}'}},
             {"role": "function", "name": "search", "content": "found"}])
         self.assertEqual(out[0]["content"],
                          '<tool_call>\n{"name": "search", "arguments": {"q": "a"}}\n</tool_call>')
-        self.assertEqual(out[1], {"role": "user", "content":
-                                  '<tool_result name="search">\nfound\n</tool_result>'})
+        self.assertEqual(out[1], plain('<tool_result name="search">\nfound\n</tool_result>'))
 
     def test_unknown_id_and_image_parts(self):
-        """A result for an unknown id names only the id; image parts are kept after the text."""
+        """A result for an unknown id names only the id; its image is an attachment of that turn."""
         image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
-        out = tool_history_text([{"role": "tool", "tool_call_id": 'x"1',
-                                  "content": [{"type": "text", "text": "see"}, image]}])
-        self.assertEqual(out[0]["content"], [{"type": "text", "text":
-                                              '<tool_result id="x&quot;1">\nsee\n</tool_result>'}, image])
+        out = history([{"role": "tool", "tool_call_id": 'x"1',
+                        "content": [{"type": "text", "text": "see"}, image]}])
+        self.assertEqual(out[0]["content"], '<tool_result id="x&quot;1">\nsee\n</tool_result>')
+        self.assertEqual([a["contentType"] for a in out[0]["attachments"]], ["image/png"])
 
     def test_invalid_arguments_shown_as_string(self):
         """Arguments that are not JSON are shown to the model as a JSON string."""
-        out = tool_history_text([{"role": "assistant", "tool_calls": [
+        out = history([{"role": "assistant", "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "search", "arguments": "{oops"}}]}])
         self.assertIn('"arguments": "{oops"', out[0]["content"])
 
@@ -425,7 +422,7 @@ class HistoryTests(unittest.TestCase):
         ]
         for messages, field in cases:
             with self.assertRaises(ApiError) as cm:
-                tool_history_text(messages)
+                bridge.openai_conversation({"model": "m", "messages": messages}, bridge.Config())
             self.assertEqual(cm.exception.status, 400)
             self.assertIn(field, cm.exception.message)
 
@@ -468,33 +465,56 @@ def anthropic_body(**extra):
     return body
 
 
+def convert(body, **kw):
+    """A /v1/messages body -> (the Conversation, its transcript templates)."""
+    conv = bridge.anthropic_conversation(body, bridge.Config(), **kw)
+    return conv, bridge.transcript(conv.turns)
+
+
 class AnthropicRequestTests(unittest.TestCase):
 
     def assertBad(self, body, field, **kw):
         with self.assertRaises(ApiError) as cm:
-            anthropic_to_openai(body, **kw)
+            convert(body, **kw)
         self.assertEqual(cm.exception.status, 400)
         self.assertEqual(cm.exception.code, "invalid_request_error")
         self.assertIn(field, cm.exception.message)
 
     def test_minimal(self):
-        """A minimal request keeps model, max_tokens, stream false and one user message."""
-        self.assertEqual(anthropic_to_openai(anthropic_body()), {
-            "model": "claude-x", "max_tokens": 100, "stream": False,
-            "messages": [{"role": "user", "content": "Hi"}]})
+        """A minimal request keeps model, stream false and one user turn."""
+        conv, templates = convert(anthropic_body())
+        self.assertEqual((conv.model, conv.stream, conv.tools, conv.stop), ("claude-x", False, None, ()))
+        self.assertEqual(templates, [plain("Hi")])
 
     def test_system_string_and_blocks(self):
-        """A system string or list of text blocks becomes one system message."""
-        out = anthropic_to_openai(anthropic_body(system="Be nice."))
-        self.assertEqual(out["messages"][0], {"role": "system", "content": "Be nice."})
-        out = anthropic_to_openai(anthropic_body(system=[
+        """A system string or list of text blocks becomes one system turn, first."""
+        _, out = convert(anthropic_body(system="Be nice."))
+        self.assertEqual(out[0], plain("Be nice.", "system"))
+        _, out = convert(anthropic_body(system=[
             {"type": "text", "text": "A", "cache_control": {"type": "ephemeral"}},
             {"type": "text", "text": "B"}]))
-        self.assertEqual(out["messages"][0], {"role": "system", "content": "A\n\nB"})
+        self.assertEqual(out[0], plain("A\n\nB", "system"))
+
+    def test_mid_conversation_system_kept_in_order(self):
+        """Claude Code 2.x (beta mid-conversation-system) puts system entries between turns: each is
+        an instruction at that point of the conversation, kept there in the folded transcript."""
+        _, out = convert(anthropic_body(system="Top.", messages=[
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": [{"type": "text", "text": "two"}]},
+            {"role": "system", "content": "Now be terse."},
+            {"role": "system", "content": [{"type": "text", "text": "And polite.", "cache_control": {}}]},
+            {"role": "user", "content": "three"}]))
+        self.assertEqual([(t["role"], t["content"]) for t in out], [
+            ("system", "Top."), ("user", "one"), ("assistant", "two"), ("system", "Now be terse."),
+            ("system", "And polite."), ("user", "three")])
+        content, _ = bridge.fold_turns(out)
+        self.assertLess(content.index("two"), content.index("<system>\nNow be terse.\n</system>"))
+        self.assertLess(content.index("Now be terse."), content.index("three"))
 
     def test_every_user_block_type(self):
-        """Text, image (base64 and url) and document (pdf, text, content) blocks convert to OpenAI parts."""
-        out = anthropic_to_openai(anthropic_body(messages=[{"role": "user", "content": [
+        """Text, image (base64 and url) and document (pdf, text, content) blocks: texts in order,
+        images and files as attachments."""
+        _, out = convert(anthropic_body(messages=[{"role": "user", "content": [
             {"type": "text", "text": "Look"},
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
             {"type": "image", "source": {"type": "url", "url": "https://x.test/a.jpg"}},
@@ -505,31 +525,26 @@ class AnthropicRequestTests(unittest.TestCase):
             {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "plain"},
              "title": "Notes"},
             {"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "c1"}]}},
+            {"type": "search_result", "title": "T", "source": "https://s", "content": [
+                {"type": "text", "text": "found"}]},
         ]}]))
-        self.assertEqual(out["messages"], [{"role": "user", "content": [
-            {"type": "text", "text": "Look"},
-            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
-            {"type": "image_url", "image_url": {"url": "https://x.test/a.jpg"}},
-            {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0=",
-                                      "filename": "Report.pdf"}},
-            {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0=",
-                                      "filename": "document_2.pdf"}},
-            {"type": "text", "text": "Notes\n\nplain"},
-            {"type": "text", "text": "c1"},
-        ]}])
-        text, files = bridge.content_to_text(out["messages"][0]["content"], 2**20, itertools.count(1))
-        self.assertEqual(len(files), 4)
-        self.assertEqual(files[2]["contentType"], "application/pdf")
-        self.assertEqual(files[2]["name"], "Report.pdf")
+        self.assertEqual(out[0]["content"], "Look\n\nNotes\n\nplain\n\nc1\n\nT\nhttps://s\nfound")
+        files = out[0]["attachments"]
+        self.assertEqual([(f["name"], f["contentType"]) for f in files], [
+            ("image_1.png", "image/png"), ("a.jpg", "image/jpeg"), ("Report.pdf", "application/pdf"),
+            ("document_2.pdf", "application/pdf")])
+        self.assertEqual(files[0]["url"], f"data:image/png;base64,{PNG}")
 
     def test_tool_use_and_results_and_thinking(self):
-        """tool_use -> tool_calls, tool_result -> tool messages first (is_error prefixed), thinking dropped."""
-        out = anthropic_to_openai(anthropic_body(messages=[
+        """tool_use -> calls, tool_result -> results first (is_error prefixed, named after the call),
+        thinking (with signatures) and server-tool blocks dropped."""
+        _, out = convert(anthropic_body(messages=[
             {"role": "user", "content": "Weather?"},
             {"role": "assistant", "content": [
                 {"type": "thinking", "thinking": "hmm", "signature": "s"},
                 {"type": "redacted_thinking", "data": "zz"},
                 {"type": "text", "text": "Checking."},
+                {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}},
                 {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
                 {"type": "tool_use", "id": "toolu_2", "name": "search", "input": {}}]},
             {"role": "user", "content": [
@@ -541,49 +556,36 @@ class AnthropicRequestTests(unittest.TestCase):
                 {"type": "text", "text": "And?"}]},
             {"role": "assistant", "content": [{"type": "thinking", "thinking": "x", "signature": ""}]},
         ]))
-        self.assertEqual(out["messages"], [
-            {"role": "user", "content": "Weather?"},
-            {"role": "assistant", "content": "Checking.", "tool_calls": [
-                {"id": "toolu_1", "type": "function",
-                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-                {"id": "toolu_2", "type": "function", "function": {"name": "search", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": "toolu_1", "content": "Sunny"},
-            {"role": "tool", "tool_call_id": "toolu_2", "content": [
-                {"type": "text", "text": "Error: boom"},
-                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}]},
-            {"role": "user", "content": [{"type": "text", "text": "And?"}]},
-        ])
-        history = tool_history_text(out["messages"])
-        self.assertEqual(history[2]["content"][0]["text"],
+        self.assertEqual([t["role"] for t in out], ["user", "assistant", "user", "user"])
+        self.assertEqual(out[1]["content"],
+                         'Checking.\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                         '</tool_call>\n<tool_call>\n{"name": "search", "arguments": {}}\n</tool_call>')
+        self.assertEqual(out[2]["content"],
                          '<tool_result name="get_weather" id="toolu_1">\nSunny\n</tool_result>\n'
                          '<tool_result name="search" id="toolu_2">\nError: boom\n</tool_result>')
-        self.assertEqual(history[2]["content"][1]["type"], "image_url")
+        self.assertEqual(len(out[2]["attachments"]), 1)
+        self.assertEqual(out[3], plain("And?"))
 
     def test_tools_choice_stop_stream(self):
-        """tools, every tool_choice type, disable_parallel_tool_use, stop_sequences and stream convert."""
+        """tools, every tool_choice type, disable_parallel_tool_use, stop_sequences and stream convert;
+        server tools are left out (agents offer them whatever the endpoint), never a 400."""
         tools = [{"name": "get_weather", "description": "W", "input_schema": {"type": "object"}},
-                 {"type": "custom", "name": "search", "input_schema": {"type": "object"}}]
-        out = anthropic_to_openai(anthropic_body(tools=tools, stream=True, stop_sequences=["END", ""],
-                                                 tool_choice={"type": "any",
-                                                              "disable_parallel_tool_use": True},
-                                                 temperature=0.2, top_k=3, metadata={"user_id": "u"},
-                                                 thinking={"type": "enabled", "budget_tokens": 1024}))
-        self.assertEqual(out["tools"][0], {"type": "function", "function": {
-            "name": "get_weather", "description": "W", "parameters": {"type": "object"}}})
-        self.assertEqual(out["tool_choice"], "required")
-        self.assertIs(out["parallel_tool_calls"], False)
-        self.assertEqual(out["stop"], ["END"])
-        self.assertIs(out["stream"], True)
-        self.assertNotIn("temperature", out)
-        spec = parse_tools(out)
+                 {"type": "custom", "name": "search", "input_schema": {"type": "object"}},
+                 {"type": "web_search_20250305", "name": "web_search"}]
+        conv, _ = convert(anthropic_body(tools=tools, stream=True, stop_sequences=["END", ""],
+                                         tool_choice={"type": "any", "disable_parallel_tool_use": True},
+                                         temperature=0.2, top_k=3, metadata={"user_id": "u"},
+                                         thinking={"type": "enabled", "budget_tokens": 1024},
+                                         context_management={"edits": []}, output_config={"effort": "high"}))
+        spec = conv.tools
+        self.assertEqual(spec.tools[0], bridge.Tool("get_weather", "W", {"type": "object"}))
+        self.assertEqual(spec.names, {"get_weather", "search"})
         self.assertEqual((spec.choice, spec.parallel), ("required", False))
-        for choice, want in (({"type": "auto"}, "auto"), ({"type": "none"}, "none"),
-                             ({"type": "tool", "name": "search"},
-                              {"type": "function", "function": {"name": "search"}})):
-            self.assertEqual(anthropic_to_openai(anthropic_body(tools=tools, tool_choice=choice))["tool_choice"],
-                             want)
-        self.assertIsNone(parse_tools(anthropic_to_openai(anthropic_body(tools=tools,
-                                                                         tool_choice={"type": "none"}))))
+        self.assertEqual(conv.stop, ("END",))
+        self.assertIs(conv.stream, True)
+        for choice, want in (({"type": "auto"}, "auto"), ({"type": "tool", "name": "search"}, "search")):
+            self.assertEqual(convert(anthropic_body(tools=tools, tool_choice=choice))[0].tools.choice, want)
+        self.assertIsNone(convert(anthropic_body(tools=tools, tool_choice={"type": "none"}))[0].tools)
 
     def test_errors_name_the_field(self):
         """Bad requests give 400 naming the Anthropic field."""
@@ -592,7 +594,8 @@ class AnthropicRequestTests(unittest.TestCase):
         self.assertBad(anthropic_body(max_tokens=0), "max_tokens")
         self.assertBad(anthropic_body(max_tokens=True), "max_tokens")
         self.assertBad(anthropic_body(messages=[]), "messages")
-        self.assertBad(anthropic_body(messages=[{"role": "system", "content": "x"}]), "messages.0.role")
+        self.assertBad(anthropic_body(messages=[{"role": "tool", "content": "x"}]), "messages.0.role")
+        self.assertBad(anthropic_body(messages=[{"role": "system", "content": 3}]), "messages.0.content")
         self.assertBad(anthropic_body(messages=[{"role": "user", "content": 3}]), "messages.0.content")
         self.assertBad(anthropic_body(messages=[{"role": "user", "content": [{"type": "video"}]}]),
                        "messages.0.content.0.type")
@@ -612,8 +615,6 @@ class AnthropicRequestTests(unittest.TestCase):
         self.assertBad(anthropic_body(stream="yes"), "stream")
         self.assertBad(anthropic_body(tools=[{"name": "a b", "input_schema": {}}]), "tools.0.name")
         self.assertBad(anthropic_body(tools=[{"name": "a"}]), "tools.0.input_schema")
-        self.assertBad(anthropic_body(tools=[{"type": "web_search_20250305", "name": "web_search"}]),
-                       "tools.0.type")
         self.assertBad(anthropic_body(tools=[{"name": "a", "input_schema": {}}],
                                       tool_choice={"type": "tool", "name": "b"}), "tool_choice.name")
         self.assertBad(anthropic_body(tool_choice={"type": "sometimes"}), "tool_choice.type")
@@ -621,17 +622,18 @@ class AnthropicRequestTests(unittest.TestCase):
 
     def test_count_tokens_body_without_max_tokens(self):
         """count_input_tokens needs no max_tokens and grows with tools and images."""
+        cfg = bridge.Config()
         body = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}]}
-        base = count_input_tokens(body)
+        base = count_input_tokens(body, cfg)
         self.assertEqual(base, 100)
-        with_tools = count_input_tokens({**body, "tools": [{"name": "a", "input_schema": {"type": "object"}}]})
+        with_tools = count_input_tokens({**body, "tools": [{"name": "a", "input_schema": {"type": "object"}}]}, cfg)
         self.assertGreater(with_tools, base + 50)
         with_image = count_input_tokens({**body, "messages": [{"role": "user", "content": [
             {"type": "text", "text": "x" * 400},
-            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}]}]})
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}]}]}, cfg)
         self.assertEqual(with_image, base + bridge._ATTACHMENT_TOKENS)
         with self.assertRaises(ApiError):
-            count_input_tokens({"messages": []})
+            count_input_tokens({"messages": []}, cfg)
 
 
 class AnthropicOutputTests(unittest.TestCase):

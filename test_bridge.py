@@ -21,6 +21,7 @@ Run: python -m unittest -v test_bridge
 """
 
 
+import ast
 import asyncio
 import base64
 import concurrent.futures
@@ -406,6 +407,54 @@ class UserFileWrites(unittest.TestCase):
             "name": "new, value // kept", "url": "https://x.example//p/*q*/", "quote": 'say "hi", ok }',
             "single": "x, // y", "obj": {"u": "http://a//b", "c": "x, y"}, "session_id": SID, "n": 2, "added": "z"})
 
+
+class FileMap(unittest.TestCase):
+    """bridge.py shows its map: the module docstring's table of contents matches the section banners
+    (number, title, purpose, size in lines), and every section and class stays readable in one sitting."""
+
+    BANNER = re.compile(r"^# (\d+)\. (.+?) =+$")
+    ENTRY = re.compile(r"^ {4}(\d+)\. (.+?) +(\d+)  (\S.*)$")
+    MAX_SECTION_LINES, MAX_CLASS_LINES = 900, 500
+
+    @classmethod
+    def sections(cls):
+        """[(number, title, first line, size in lines)] from the banners of bridge.py."""
+        with open(os.path.join(HERE, "bridge.py"), encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        found = [(i, cls.BANNER.match(line)) for i, line in enumerate(lines)]
+        found = [(i, m) for i, m in found if m]
+        out = []
+        for k, (i, m) in enumerate(found):
+            end = found[k + 1][0] if k + 1 < len(found) else len(lines)
+            out.append((int(m.group(1)), m.group(2), i, end - i))
+        return out
+
+    @classmethod
+    def expected_toc(cls, purposes):
+        width = max(len(f"{n}. {t}") for n, t, _, _ in cls.sections()) + 1
+        return "\n".join(f"    {f'{n}. {t}'.ljust(width)}{size:5d}  {purposes.get(n, '?')}"
+                         for n, t, _, size in cls.sections())
+
+    def test_table_of_contents_matches_the_banners(self):
+        """Numbers and titles equal, in order; each size within 10% (or 20 lines) of the real one."""
+        toc = [m for m in (self.ENTRY.match(line) for line in bridge.__doc__.split("\n")) if m]
+        purposes = {int(m.group(1)): m.group(4).strip() for m in toc}
+        hint = "\\nThe table should read:\\n" + self.expected_toc(purposes)
+        got = [(int(m.group(1)), m.group(2)) for m in toc]
+        want = [(n, t) for n, t, _, _ in self.sections()]
+        self.assertEqual(got, want, hint)
+        self.assertEqual(list(range(1, len(want) + 1)), [n for n, _ in want], "sections numbered 1, 2, ...")
+        for m, (n, t, _, size) in zip(toc, self.sections()):
+            self.assertLessEqual(abs(int(m.group(3)) - size), max(20, size // 10), f"section {n}: {hint}")
+
+    def test_sections_and_classes_fit_one_sitting(self):
+        for n, title, _, size in self.sections():
+            self.assertLessEqual(size, self.MAX_SECTION_LINES, f"section {n}. {title}")
+        with open(os.path.join(HERE, "bridge.py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                self.assertLessEqual(node.end_lineno - node.lineno + 1, self.MAX_CLASS_LINES, node.name)
 
 class ConfigDefaults(unittest.TestCase):
     """The built-in defaults (`bridge.Config()`) are what the shipped config.jsonc and the README's
@@ -968,6 +1017,7 @@ class MissingConfigFile(BridgeCase):
         self.assertIn("missing", json.loads(self.get("/health")[2])["config"]["error"])
         with open(self.h.config_path, "w", encoding="utf-8") as f:
             f.write(bridge.jsonc_update(text, {"api_key": "k-second"}))
+        time.sleep(bridge.UserFiles.CHECK_SECONDS)        # files are looked at once a second
         self.assertEqual(self.post(body=chat(), headers={"Authorization": "Bearer k-first"})[0], 401)
         self.assertEqual(self.post(body=chat(), headers={"Authorization": "Bearer k-second"})[0], 200)
 
@@ -1635,18 +1685,23 @@ class TranslationEndToEnd(BridgeCase):
         self.assertEqual(payload["request"]["body"]["modelId"], IMAGE_UUID)
 
     def test_config_edits_apply_without_restart(self):
-        """Editing config.jsonc takes effect on the next request; a broken edit keeps the last good one."""
+        """Editing config.jsonc takes effect within a second (the files are looked at once a second,
+        not on every request); a broken edit keeps the last good one."""
         tab = self.h.tab()
         with open(self.h.config_path, encoding="utf-8") as f:
             text = f.read()
+        self.create(messages=[{"role": "user", "content": "q"}])      # the files were just looked at
         with open(self.h.config_path, "w", encoding="utf-8") as f:
             f.write(bridge.jsonc_update(text, {"tavern_mode_enabled": True}))
         msgs = [{"role": "system", "content": "a"}, {"role": "user", "content": "q"}, {"role": "system", "content": "b"}]
+        self.create(messages=msgs)                                      # within the second: not yet
+        self.assertEqual([m["content"] for m in tab.tasks[-1]["payload"]["message_templates"]], ["a", "q", "b"])
+        time.sleep(bridge.UserFiles.CHECK_SECONDS)
         self.create(messages=msgs)
         self.assertEqual([m["content"] for m in tab.tasks[-1]["payload"]["message_templates"]], ["a\n\nb", "q"])
-        time.sleep(0.01)
         with open(self.h.config_path, "w", encoding="utf-8") as f:
             f.write("{ this is broken")
+        time.sleep(bridge.UserFiles.CHECK_SECONDS)        # files are looked at once a second
         with self.assertLogs(bridge.log, "ERROR") as logs:       # said once in the log (not on stderr here)
             self.create(messages=msgs)
         self.assertIn("keeping the last good config.jsonc", logs.output[0])
@@ -2502,7 +2557,7 @@ class Soak(BridgeCase):
         self.h.wait(lambda: not self.h.bridge.connections, timeout=10, what="connections closed")
         b = self.h.bridge
         self.assertEqual([len(t.jobs) for t in b.tabs], [0, 0])
-        self.assertFalse(b.dirty)
+        self.assertFalse(b.pool.dirty)
         gc.collect()
         time.sleep(0.2)
         after = tracemalloc.get_traced_memory()[0]

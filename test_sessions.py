@@ -189,6 +189,9 @@ class JobWithoutSockets(unittest.TestCase):
         def __init__(self, retry=False):
             self.dirty, self.ended, self.noted, self.retry = set(), [], [], retry
 
+        def job_output(self, job):
+            self.dirty.add(job)
+
         def retry_job(self, job, err):
             return self.retry
 
@@ -206,8 +209,9 @@ class JobWithoutSockets(unittest.TestCase):
         """Rows become text and reasoning events; the finish ends the job; a Reply renders them."""
         hub = self.Hub()
         job = bridge.Job(hub, "m", self.Plan())
-        for data in ('a0:"Hel', 'lo"\nag:"why"\n', 'a0:" there"\n', 'ad:{"finishReason":"length"}\n'):
-            job.on_tab_data(data)
+        started = [job.on_tab_data(data) for data in ('a0:"Hel', 'lo"\nag:"why"\n', 'a0:" there"\n',
+                                                       'ad:{"finishReason":"length"}\n')]
+        self.assertEqual(started, [False, True, False, False])     # the first text started the output
         self.assertIn(job, hub.dirty)
         events = job.take()
         self.assertEqual([e[0] for e in events], ["text", "reasoning", "text"])
@@ -834,14 +838,16 @@ class CreateMode(BridgeCase):
         tab = self.h.tab()
         self.h.run(tab.send({"type": "request_shape", "endpoint": "create-evaluation",
                              "body": {"sessionContext": {"v": 2}, "mode": "direct", "userMessage": {"content": ""}}}))
-        self.h.wait(lambda: self.h.bridge.shape is not None, what="shape")
+        self.h.wait(lambda: self.h.bridge.files.shape is not None, what="shape")
         self.h.ask()
         self.assertEqual(body_of(tab.tasks[-1])["sessionContext"], {"v": 2})
         self.assertEqual(body_of(tab.tasks[-1])["mode"], "direct-battle")
         with open(os.path.join(self.h.dir, "request_shape.json"), encoding="utf-8") as f:
             self.assertEqual(json.load(f)["body"], {"sessionContext": {"v": 2}})
-        again = bridge.Bridge(self.h.bridge.files, "127.0.0.1", 0)
-        self.assertEqual(again.shape, {"sessionContext": {"v": 2}})
+        files = bridge.UserFiles(self.h.config_path)      # as after a restart: read from disk
+        files.load_all(report=lambda m: None)
+        bridge.Bridge(files, "127.0.0.1", 0)
+        self.assertEqual(files.shape, {"sessionContext": {"v": 2}})
         health = json.loads(urllib.request.urlopen(self.h.url + "/health", timeout=5).read())
         self.assertEqual(health["request_shape"]["fields"], ["sessionContext"])
         self.assertIsNotNone(health["request_shape"]["age_seconds"])

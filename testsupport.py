@@ -420,11 +420,12 @@ def read_responses(sock, n, timeout=10):
 PNG_B64 = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 20).decode()
 
 
-def templates(messages, **kw):
-    opts = dict(tavern=False, bypass=False, is_image=False, mode="direct_chat", target="A",
-                attachment_limit=5 * 2**20)
+def templates(messages, attachment_limit=5 * 2**20, **kw):
+    """OpenAI messages -> the retry body's templates (transcript, then positions)."""
+    opts = dict(tavern=False, bypass=False, is_image=False, mode="direct_chat", target="A")
     opts.update(kw)
-    return bridge.openai_to_templates(messages, **opts)
+    turns = bridge.openai_turns(messages, bridge.Attachments(attachment_limit))
+    return bridge.openai_to_templates_positions(bridge.transcript(turns), **opts)
 
 
 def feed_parser(chunks, side="a"):
@@ -1062,12 +1063,12 @@ class World:
         self.h_blocked = Harness(config={})
         self.messages = []              # (tab name, message) of everything the tabs sent, in order
         self.stamps = []                # time.time() of each of them
-        add_tab = self.h.bridge.add_tab
+        add_tab = self.h.bridge.pool.add_tab
 
         def spying_add_tab(tab, add_tab=add_tab):   # spy from the tab's first message on
             self.spy(tab)
             return add_tab(tab)
-        self.h.bridge.add_tab = spying_add_tab
+        self.h.bridge.pool.add_tab = spying_add_tab
         self.console, self.blocked_console = [], []
         self.client = None
         with open(os.path.join(HERE, "userscript.js"), encoding="utf-8") as f:
