@@ -25,7 +25,10 @@ pages with Next.js flight data (`initialModels`; none on /leaderboard; a raw RSC
 tokens naming key, action and a counter, a configurable delay), the site key only in a script file,
 server actions in a script chunk (upload flow, archive, delete; a deploy changes their ids), the
 stream endpoints validated as PROTOCOL 2.2/2.3 describe, answers in dialect A or B, and the retry
-endpoint for capture only.
+endpoint for capture only. Since userscript 3.2 also: the model catalog (a full-size list, failures on
+demand), the site's budget headers and the 429 of an empty budget, the page's own request carrying
+forceLowRecaptchaScore and secrets, dropped conversations, a lost session, refused /api routes,
+routed_model rows and a long two-lane capture (see StandIn's docstring for the switches).
 """
 import json
 import os
@@ -418,6 +421,13 @@ class TabProtocol(BrowserCase):
             rid, start = self.raw_task(request)
             self.assertEqual(self.task_messages(rid, start)[-1]["data"],
                              {"error": error, "status": status, "retry_after": None})
+        # A catalog id is accepted with its arena's modality only.
+        self.arena.lost_session = False
+        code_row = CATALOG[1]["models"][0]
+        for modality, last in (("webdev", "[DONE]"), ("chat", {"error": '{"error": "Chosen Model(s) are no longer available"}',
+                                                              "status": 400, "retry_after": None})):
+            rid, start = self.raw_task(self.create_request("build it", model_id=code_row["id"], modality=modality))
+            self.assertEqual(self.task_messages(rid, start)[-1]["data"], last)
 
     def test_long_multi_lane_answer_arrives_byte_exact(self):
         """A ~97,000-character two-lane webdev answer, cut at odd offsets inside characters and escapes, arrives exactly."""
@@ -614,6 +624,60 @@ class ThroughTheBridge(BrowserCase):
         self.assertEqual(status, 200)
         self.assertEqual(self.ask("after the page showed it").choices[0].message.content, ANSWER)
         self.assertEqual(self.last_tab_request()["body"]["sessionContext"], context)
+
+
+class StandInData(unittest.TestCase):
+    """The stand-in's recorded-site data keeps its promises (no browser needed)."""
+
+    def test_catalog_is_full_size_with_names_repeated_across_and_within_arenas(self):
+        """470 rows in six arenas; document repeats text rows; names in several arenas and twice in one; about 40% of text rows list web."""
+        self.assertEqual([g["arena"] for g in CATALOG], list(testsupport.CATALOG_ARENAS))
+        rows = catalog_flattened()
+        self.assertEqual(len(rows), 470)
+        self.assertEqual(len({(r["id"], r["publicName"]) for r in rows}), len({r["id"] for r in rows}))  # an id: one name
+        text = CATALOG[0]["models"]
+        self.assertAlmostEqual(sum(bool(r["capabilities"]["outputCapabilities"].get("web")) for r in text) / len(text),
+                               0.4, delta=0.03)
+        names = lambda arena: [r["publicName"] for r in rows if r["arena"] == arena]
+        self.assertGreater(len(set(names("document")) & set(names("text"))), 90)
+        self.assertGreater(len(set(names("code")) & set(names("text"))), 70)
+        self.assertTrue(set(names("search")) & set(names("text")) and set(names("text-to-image")) & set(names("text")))
+        twins = [n for n in set(names("text")) if names("text").count(n) > 1]
+        self.assertGreaterEqual(len(twins), 6)
+        self.assertTrue(all(testsupport.UUID7_RE.fullmatch(r["id"]) for r in rows))
+        router = next(r for r in text if r["id"] == ROUTER_ID)
+        self.assertEqual(set(router["capabilities"]["outputCapabilities"]), {"text", "image", "search", "web"})
+        expected = testsupport.catalog_models_json()
+        self.assertEqual({k: expected[k] for k in ("stand-in-text", "stand-in-twin", "stand-in-image", "stand-in-search",
+                                                   "max")},
+                         {"stand-in-text": TEXT_ID, "stand-in-twin": TWIN_NEW_ID, "stand-in-image": f"{IMAGE_ID}:image",
+                          "stand-in-search": f"{testsupport.SEARCH_ID}:search", "max": ROUTER_ID})
+        self.assertFalse({"stand-in-retired", "gpt-4.5-preview", "stand-in-search:search"} & set(expected))
+
+    def test_long_capture_is_shaped_like_the_real_one(self):
+        """About 97,000 characters, every row newline-terminated, both lanes with every row kind; the expected lane-A text and reasoning are its a0 and ag rows."""
+        text, lane_a, reasoning = long_capture()
+        self.assertTrue(95_000 <= len(text) <= 110_000, len(text))
+        self.assertTrue(text.endswith("\n"))
+        rows = text.split("\n")[:-1]
+        kinds = {row[:2] for row in rows}
+        self.assertTrue({lane + code for lane in "ab" for code in "0g92afed"} <= kinds, kinds)
+        self.assertTrue(all(re.fullmatch(r"[ab][0-9a-z]:.+", row) for row in rows))
+        values = [(row[:2], json.loads(row[3:])) for row in rows]
+        self.assertEqual("".join(v for k, v in values if k == "a0"), lane_a)
+        self.assertEqual("".join(v for k, v in values if k == "ag"), reasoning)
+        self.assertTrue(any(v[0]["type"] == "webdev" for k, v in values if k == "b2"))
+        for needle in ("😀", "你好", "\\ud83d\\ude00", '\\"', "\\n", "\\t"):
+            self.assertIn(needle, text)
+        interleaved = sum(a[0] != b[0] for a, b in zip(rows, rows[1:]))
+        self.assertGreater(interleaved, 100)
+        data = text.encode()
+        cuts = testsupport.prime_cuts(data)
+        inner = cuts[1:-1]
+        self.assertTrue(all(all(c % d for d in range(2, int(c ** 0.5) + 1)) for c in inner))
+        self.assertTrue(any(0x80 <= data[c] <= 0xBF for c in inner), "no cut inside a UTF-8 sequence")
+        self.assertTrue(any(data[c - 1:c + 1] == b'\\"' for c in inner), 'no cut inside \\"')
+        self.assertTrue(any(re.match(rb"[0-9a-f]{1,4}", data[c:c + 4]) and b"\\u" in data[c - 5:c] for c in inner))
 
 
 @unittest.skipIf(CHROMIUM is None or sync_playwright is None, SKIP_REASON)

@@ -6,9 +6,14 @@
                 temp folder), BridgeCase, raw HTTP helpers (requests, responses, chunked bodies, SSE
                 events), run_cli, FileServer.
   Site side     the stand-in of today's LMArena (StandIn, ArenaHandler: pages with flight data, a fake
-                grecaptcha, server actions, the stream endpoints as PROTOCOL 2 describes), its TLS
-                certificate, the Chromium arguments that show it as https://arena.ai, and the shared
-                browser World / BrowserCase of the userscript tests.
+                grecaptcha, server actions, the stream endpoints as PROTOCOL 2 describes, the model
+                catalog, budget headers; switches in StandIn's docstring), its TLS certificate, the
+                Chromium arguments that show it as https://arena.ai, and the shared browser World /
+                BrowserCase of the userscript tests. Recorded-site data for both sides: CATALOG (the
+                catalog, 470 rows), catalog_flattened() (as the tab reports it), catalog_models_json()
+                (the models.json entries PROTOCOL 2.8 gives for it, worked out independently),
+                ROUTER_ID, long_capture() and prime_cuts() (a long two-lane answer and odd cuts of it),
+                send_like_the_site() (the page sends its own request), keys_anywhere().
 
 How the tab sees the stand-in: as on the real site. The stand-in serves https (a throw-away
 self-signed certificate made with the openssl command at start-up) and Chromium maps `arena.ai`
