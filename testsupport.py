@@ -1012,8 +1012,8 @@ class StandIn(ThreadingHTTPServer):
       status (e.g. 503: that status with the catalog as the body; a stale copy must not be used).
     - budget_remaining, budget_reset (seconds), budget_limit: stream answers carry `ratelimit: limit=L,
       remaining=R, reset=S` and `ratelimit-policy: L;w=300` (PROTOCOL 2.9); each accepted request takes
-      one; with none left the request answers 429 {"error": "Too Many Requests"} with those headers and
-      Retry-After = budget_reset.
+      one (the retry endpoint's too); with none left a create-/post-to-evaluation answers 429 {"error":
+      "Too Many Requests"} with those headers and Retry-After = budget_reset.
     - dropped (set of conversation ids), drop_all: post-to-evaluation of such a conversation answers
       404 {"error": "Evaluation session not found"} (the server dropped it).
     - lost_session: stream endpoints answer 401 {"message": "User not found"} (the page's cookies are
@@ -1477,7 +1477,10 @@ class ArenaHandler(BaseHTTPRequestHandler):
                 return self.reply(401, "application/json", b'{"message":"User not found"}')
             if set(data) - {"recaptchaV3Token"}:
                 return self.reply(400, "application/json", b'{"error":"stand-in: this endpoint only regenerates"}')
-            return self.reply(200, "text/plain", b'a0:"regenerated"\nad:{"finishReason":"stop"}\n')
+            with srv.lock:
+                srv.budget_remaining -= 1
+            return self.reply(200, "text/plain", b'a0:"regenerated"\nad:{"finishReason":"stop"}\n',
+                              srv.budget_headers())
         return self.reply(404, "text/plain", b"not found")
 
     def do_OPTIONS(self):
