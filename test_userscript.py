@@ -25,7 +25,10 @@ pages with Next.js flight data (`initialModels`; none on /leaderboard; a raw RSC
 tokens naming key, action and a counter, a configurable delay), the site key only in a script file,
 server actions in a script chunk (upload flow, archive, delete; a deploy changes their ids), the
 stream endpoints validated as PROTOCOL 2.2/2.3 describe, answers in dialect A or B, and the retry
-endpoint for capture only.
+endpoint for capture only. Since userscript 3.2 also: the model catalog (a full-size list, failures on
+demand), the site's budget headers and the 429 of an empty budget, the page's own request carrying
+forceLowRecaptchaScore and secrets, dropped conversations, a lost session, refused /api routes,
+routed_model rows and a long two-lane capture (see StandIn's docstring for the switches).
 """
 import json
 import os
@@ -38,9 +41,10 @@ import openai
 
 import bridge
 
-from testsupport import (ACTIONS, ANSWER, BrowserCase, CHROMIUM, IMAGE_ID, IMAGE_URL, LNA_PERMISSION,
-    ORIGIN, PAGE_MODELS, ROWS_A, SKIP_REASON, SOURCE, TEXT_ID, TINY_GIF, TWIN_NEW_ID, V2_KEY, data_url,
-    post_json, retry_path, sync_playwright, tiny_png, uuid7, world)
+from testsupport import (ACTIONS, ANSWER, BrowserCase, CATALOG, CHROMIUM, IMAGE_ID, IMAGE_URL, LNA_PERMISSION,
+    NEW_FIELD, ORIGIN, PAGE_MODELS, ROUTER_ID, ROWS_A, SKIP_REASON, SOURCE, TEXT_ID, TINY_GIF, TWIN_NEW_ID, V2_KEY,
+    catalog_flattened, data_url, keys_anywhere, long_capture, post_json, retry_path, send_like_the_site,
+    sync_playwright, tiny_png, uuid7, world)
 import testsupport
 
 
@@ -66,15 +70,15 @@ class TabProtocol(BrowserCase):
         self.page.evaluate("document.title = 'LMArena'")
         start = len(self.w.messages)
         self.command({"command": "send_models"})
-        self.command({"command": "send_status"})
         models = self.wait_sent(lambda m: m.get("type") == "models", start)
-        self.assertEqual(models["models"], PAGE_MODELS)
+        self.assertEqual((models["source"], len(models["models"])), ("catalog", 470))
+        self.command({"command": "send_status"})
         status = self.wait_sent(lambda m: m.get("type") == "status", start)
         self.assertEqual(status["recaptcha"],
                          {"loaded": True, "site_key": self.arena.site_key, "v2_site_key": V2_KEY})
         self.assertEqual(status["actions"], dict.fromkeys(ACTIONS, True))
         self.assertIs(status["logged_in"], True)
-        self.assertEqual(status["models"], {"count": len(PAGE_MODELS), "source": "page"})
+        self.assertEqual(status["models"], {"count": 470, "source": "catalog"})
         self.assertIsInstance(status["token_ready"], bool)
         self.assertIn("last_error", status)
 
@@ -83,7 +87,9 @@ class TabProtocol(BrowserCase):
         rid, start = self.raw_task(self.create_request("hi there"))
         msgs = self.task_messages(rid, start)
         self.assertEqual(msgs[0], {"request_id": rid, "event": "token_ready"})
-        self.assertEqual(msgs[1], {"request_id": rid, "event": "upstream_headers", "status": 200})
+        self.assertEqual(msgs[1], {"request_id": rid, "event": "upstream_headers", "status": 200,
+                                   "ratelimit": "limit=1800, remaining=1799, reset=240",
+                                   "ratelimit_policy": "1800;w=300"})
         self.assertEqual(msgs[-1]["data"], "[DONE]")
         self.assertEqual("".join(m["data"] for m in msgs[2:-1]), ROWS_A.decode())
         req = self.last_tab_request()
@@ -98,7 +104,7 @@ class TabProtocol(BrowserCase):
         del request["recaptcha_action"]
         rid, start = self.raw_task(request)
         msgs = self.task_messages(rid, start)
-        self.assertEqual([m.get("event") for m in msgs[:1]], ["upstream_headers"])
+        self.assertEqual(msgs[0], {"request_id": rid, "event": "upstream_headers", "status": 403})  # no budget headers
         self.assertEqual(msgs[-1]["data"], {"error": '{"error": "recaptcha validation failed"}', "status": 403,
                                             "retry_after": None})
         self.assertNotIn("recaptchaV3Token", self.last_tab_request()["body"])
@@ -234,34 +240,204 @@ class TabProtocol(BrowserCase):
         self.assertIn(unknown, log["message"])
 
     def test_page_request_shape_is_reported_without_content_ids_or_tokens(self):
-        """The page's own create-evaluation is reported with content, ids, tokens and attachments removed, new fields kept."""
-        self.arena.extra_fields = {"experimentFlags": {"fastLane": True, "variant": "b"}}
+        """Without site_rules (an older bridge) the page's own create-evaluation is reported by the legacy rules: no content, ids, tokens, forceLowRecaptchaScore, secrets or credential-like keys; new fields kept."""
+        self.set_site_rules(None)
         start = len(self.w.messages)
-        status, _ = self.page.evaluate("__sendLikeTheSite('my secret words')")
+        status, _ = send_like_the_site(self.page, self.arena, "my secret words", {
+            "experimentFlags": {"fastLane": True, "variant": "b"},
+            "clientContext": {"locale": "en", "sessionCookie": "c", "apiKey": "k", "deviceId": uuid7()}})
         self.assertEqual(status, 200)
+        page_body = self.arena.requests[-1]["body"]
+        self.assertTrue(page_body["forceLowRecaptchaScore"] and page_body["secrets"] and page_body["recaptchaV3Token"])
         shape = self.wait_sent(lambda m: m.get("type") == "request_shape", start)
         self.assertEqual(shape, {"type": "request_shape", "endpoint": "create-evaluation", "body": {
             "mode": "direct-battle", "modality": "chat", "experimentFlags": {"fastLane": True, "variant": "b"},
+            "clientContext": {"locale": "en"},
             "userMessage": {"content": "", "experimental_attachments": [], "metadata": {}}}})
         self.assertNotIn("secret", json.dumps(self.sent(lambda m: True, start)))
         # The tab's own requests are never reported as the page's.
         self.raw_task(self.create_request("ours"))
         self.assertEqual(len(self.sent(lambda m: m.get("type") == "request_shape", start)), 1)
 
-    def test_models_come_from_text_direct_when_the_page_has_none(self):
-        """A page without initialModels (the leaderboard) fetches /text/direct with RSC: 1 and reports that list."""
+    def test_models_come_from_text_direct_when_neither_the_catalog_nor_the_page_has_them(self):
+        """A failing catalog on a page without initialModels (the leaderboard): /text/direct with RSC: 1 is fetched and reported as the source."""
+        self.arena.catalog_status = 500
         fetches = len(self.arena.rsc_fetches)
         page = self.w.open_page("/leaderboard")
         try:
             tab = self.w.tab_at("/leaderboard")
             models = self.wait_sent(lambda m: m.get("type") == "models", tab=tab.name)
-            self.assertEqual(models["models"], PAGE_MODELS)
+            self.assertEqual((models["models"], models["source"]), (PAGE_MODELS, "text/direct"))
             self.assertEqual(self.arena.rsc_fetches[fetches:], ["/text/direct"])
             status = self.wait_sent(lambda m: m.get("type") == "status", tab=tab.name)
-            self.assertEqual(status["models"], {"count": len(PAGE_MODELS), "source": "fetch"})
+            self.assertEqual(status["models"], {"count": len(PAGE_MODELS), "source": "text/direct"})
         finally:
             page.close()
             self.w.wait(lambda: self.w.tab_at("/leaderboard") is None, 5, "the leaderboard tab to leave")
+
+
+    # -- LMArena knowledge from the bridge, the site's catalog and budget (userscript 3.2) --
+
+    def set_site_rules(self, rules):
+        """Send site_rules (None: none, so back to the legacy rules) and wait until the tab has handled
+        it: it answers a later send_status only after that (one socket, messages in order)."""
+        start = len(self.w.messages)
+        self.command({"command": "site_rules"} if rules is None else {"command": "site_rules", "rules": rules})
+        self.command({"command": "send_status"})
+        self.wait_sent(lambda m: m.get("type") == "status", start)
+
+    def test_models_come_from_the_catalog_first_one_row_per_arena(self):
+        """The catalog, fetched with the page's cookies, is reported flattened: every row unmodified plus its arena, source "catalog"."""
+        fetches = len(self.arena.catalog_fetches)
+        start = len(self.w.messages)
+        self.command({"command": "send_models"})
+        report = self.wait_sent(lambda m: m.get("type") == "models", start)
+        self.assertEqual(report["source"], "catalog")
+        self.assertEqual(report["models"], catalog_flattened())
+        self.assertEqual({m["arena"] for m in report["models"]}, {g["arena"] for g in CATALOG})
+        self.assertEqual(len([m for m in report["models"] if m["id"] == TEXT_ID]), 2)   # text and document
+        self.assertEqual(self.arena.catalog_fetches[fetches:], [{"cookie": True, "status": 200}])
+
+    def test_a_catalog_that_fails_falls_back_to_the_page_data_with_one_log_line(self):
+        """A catalog answering 404, 500, 503 (with a catalog body), HTML, an empty list or the wrong shape: the page's initialModels are reported, source "page"."""
+        cases = [("status", 404), ("status", 500), ("status", 503), ("status", "html"), ("catalog", []),
+                 ("catalog", {"models": CATALOG[0]["models"]}), ("catalog", [{"arena": "text", "models": "none"}])]
+        for attribute, value in cases:
+            with self.subTest(**{attribute: value}):
+                self.arena.reset()
+                setattr(self.arena, "catalog_status" if attribute == "status" else "catalog", value)
+                start, lines = len(self.w.messages), len(self.w.console)
+                self.command({"command": "send_models"})
+                report = self.wait_sent(lambda m: m.get("type") == "models", start)
+                self.assertEqual((report["models"], report["source"]), (PAGE_MODELS, "page"))
+                self.page.evaluate("1")      # Playwright hands console events over during its own calls
+                self.assertEqual(len([c for c in self.w.console[lines:] if "model catalog" in c]), 1, self.w.console[lines:])
+
+    def test_budget_headers_reach_the_bridge_raw_on_success_and_on_429(self):
+        """upstream_headers carries the raw ratelimit and ratelimit-policy values, for a 200 and for the 429 of an empty budget."""
+        self.arena.budget_remaining, self.arena.budget_reset = 1, 97
+        rid, start = self.raw_task(self.create_request("last of the budget"))
+        msgs = self.task_messages(rid, start)
+        self.assertEqual(msgs[1], {"request_id": rid, "event": "upstream_headers", "status": 200,
+                                   "ratelimit": "limit=1800, remaining=0, reset=97", "ratelimit_policy": "1800;w=300"})
+        self.assertEqual(msgs[-1]["data"], "[DONE]")
+        rid, start = self.raw_task(self.create_request("over budget"))
+        msgs = self.task_messages(rid, start)
+        self.assertEqual(msgs[1], {"request_id": rid, "event": "upstream_headers", "status": 429,
+                                   "ratelimit": "limit=1800, remaining=0, reset=97", "ratelimit_policy": "1800;w=300"})
+        self.assertEqual(msgs[-1]["data"], {"error": '{"error": "Too Many Requests"}', "status": 429, "retry_after": 97})
+
+    def body_with_forbidden_fields(self, png):
+        request = self.create_request("fields", attachments=[
+            {"name": "a.png", "contentType": "image/png", "url": data_url("image/png", png)}])
+        body = request["body"]
+        body.update(forceLowRecaptchaScore=True, secrets={"k": "v"}, dropMe=1,
+                    context=[{"files": [{"name": "b.png", "contentType": "image/png", "url": data_url("image/png", png)}],
+                              "forceLowRecaptchaScore": True, "note": "kept"}, {"files": []}])
+        body["userMessage"]["metadata"] = {"secrets": ["s"], "deep": [{"dropMe": 2, "keep": 3}]}
+        return request
+
+    def test_fields_from_the_task_name_the_token_the_attachments_and_what_never_to_send(self):
+        """With "fields": never_send keys go at any depth before the token goes in under the given name, and attachments are uploaded at the given paths."""
+        self.arena.token_field_v3, self.arena.token_field_v2 = "captchaV3", "captchaV2"
+        png = tiny_png((1, 2, 3))
+        request = self.body_with_forbidden_fields(png)
+        request["body"]["captchaV3"] = "stale"        # named in never_send: removed before the fresh token
+        request["fields"] = {"token_v3": "captchaV3", "token_v2": "captchaV2",
+                             "attachments": [["userMessage", "experimental_attachments"], ["context", "*", "files"],
+                                             ["nowhere", "*", "files"]],
+                             "never_send": ["forceLowRecaptchaScore", "secrets", "dropMe", "captchaV3"]}
+        rid, start = self.raw_task(request)
+        self.assertEqual(self.task_messages(rid, start)[-1]["data"], "[DONE]")
+        seen = self.last_tab_request()["body"]
+        self.assertRegex(seen["captchaV3"], rf"^v3\.{self.arena.site_key}\.chat_submit\.")
+        self.assertEqual(keys_anywhere(seen) & {"forceLowRecaptchaScore", "secrets", "dropMe", "recaptchaV3Token"}, set())
+        self.assertEqual(seen["userMessage"]["metadata"], {"deep": [{"keep": 3}]})
+        self.assertEqual([c.get("note") for c in seen["context"]], ["kept", None])
+        for att in (seen["userMessage"]["experimental_attachments"][0], seen["context"][0]["files"][0]):
+            self.assertEqual(self.arena.uploads[self.arena.signed[att["url"]]][2], png)
+        # v2: the v2 token under its given name, the v3 field deleted.
+        request = self.create_request("v2 renamed", recaptcha="v2")
+        request["body"]["captchaV3"] = "left over"
+        request["fields"] = {"token_v3": "captchaV3", "token_v2": "captchaV2"}
+        rid, start = self.raw_task(request)
+        self.assertEqual(self.task_messages(rid, start)[-1]["data"], "[DONE]")
+        seen = self.last_tab_request()["body"]
+        self.assertRegex(seen["captchaV2"], rf"^v2\.{V2_KEY}\.")
+        self.assertEqual(keys_anywhere(seen) & {"captchaV3", "recaptchaV2Token", "recaptchaV3Token"}, set())
+        self.assertEqual(self.arena.problems, [])
+
+    def test_without_fields_the_legacy_names_apply(self):
+        """A task without "fields" (a bridge older than 3.2): recaptchaV3Token, the legacy attachment paths, and forceLowRecaptchaScore and secrets never sent."""
+        png = tiny_png((4, 5, 6))
+        rid, start = self.raw_task(self.body_with_forbidden_fields(png))
+        self.assertEqual(self.task_messages(rid, start)[-1]["data"], "[DONE]")
+        seen = self.last_tab_request()["body"]
+        self.assertRegex(seen["recaptchaV3Token"], rf"^v3\.{self.arena.site_key}\.chat_submit\.")
+        self.assertEqual(keys_anywhere(seen) & {"forceLowRecaptchaScore", "secrets"}, set())
+        self.assertEqual((seen["dropMe"], seen["userMessage"]["metadata"]), (1, {"deep": [{"dropMe": 2, "keep": 3}]}))
+        self.assertIn(seen["userMessage"]["experimental_attachments"][0]["url"], self.arena.signed)
+        self.assertTrue(seen["context"][0]["files"][0]["url"].startswith("data:"))   # not a legacy path
+        self.assertEqual(self.arena.problems, [])
+
+    def test_site_rules_from_the_bridge_decide_what_a_request_shape_keeps(self):
+        """After site_rules the page's own request is reported by those rules: never_copy, the credential and id patterns, blank and empty; a new field kept."""
+        self.addCleanup(self.set_site_rules, None)
+        self.set_site_rules({"never_copy": ["recaptchaV3Token", "recaptchaV2Token", "modelAId", "modelBId",
+                                            "forceLowRecaptchaScore", "secrets", "experimentFlags"],
+                             "never_copy_pattern": "token|secret|password|credential|cookie|auth|signature|api_?key",
+                             "id_keys_pattern": "^(id|.*Id|.*Ids)$", "blank": ["content"],
+                             "empty": ["experimental_attachments"], "a_future_rule": True})
+        start = len(self.w.messages)
+        status, _ = send_like_the_site(self.page, self.arena, "my private words", dict(
+            NEW_FIELD, experimentFlags={"fastLane": True},
+            clientContext={"locale": "en", "authorName": "me", "Password": "p", "deviceId": uuid7(),
+                           "relatedIds": [uuid7(), uuid7()], "turnId": "not-a-uuid"}))
+        self.assertEqual(status, 200)
+        shape = self.wait_sent(lambda m: m.get("type") == "request_shape", start)
+        self.assertEqual(shape["body"], {
+            "mode": "direct-battle", "modality": "chat", "newRequiredField": {"x": 1},
+            "clientContext": {"locale": "en", "turnId": "not-a-uuid"},
+            "userMessage": {"content": "", "experimental_attachments": [], "metadata": {}}})
+        self.assertNotIn("private", json.dumps(self.sent(lambda m: True, start)))
+
+    def test_site_refusals_and_router_rows_pass_through_the_tab(self):
+        """The stand-in's lost session (401), old /api route (403), dropped conversation (404) reach the bridge with status and body; a router's routed_model row comes first."""
+        self.arena.routes[ROUTER_ID] = "gemini-2.5-pro"
+        rid, start = self.raw_task(self.create_request("route me", model_id=ROUTER_ID))
+        data = "".join(m["data"] for m in self.task_messages(rid, start)[2:-1])
+        self.assertEqual(data, 'a2:[{"type":"routed_model","model":"gemini-2.5-pro"}]\n' + ROWS_A.decode())
+        conversation = self.last_tab_request()["body"]["id"]
+        follow_up = self.create_request("again", model_id=ROUTER_ID)
+        follow_up["path"] = f"/nextjs-api/stream/post-to-evaluation/{conversation}"
+        follow_up["body"]["id"] = conversation
+        self.arena.dropped.add(conversation)
+        old_route = self.create_request("old")
+        old_route["path"] = "/api/stream/create-evaluation"
+        for request, status, error in ((follow_up, 404, '{"error": "Evaluation session not found"}'),
+                                       (old_route, 403, '{"error":"Route not allowed"}'),
+                                       (self.create_request("lost"), 401, '{"message": "User not found"}')):
+            self.arena.lost_session = status == 401
+            rid, start = self.raw_task(request)
+            self.assertEqual(self.task_messages(rid, start)[-1]["data"],
+                             {"error": error, "status": status, "retry_after": None})
+        # A catalog id is accepted with its arena's modality only.
+        self.arena.lost_session = False
+        code_row = CATALOG[1]["models"][0]
+        for modality, last in (("webdev", "[DONE]"), ("chat", {"error": '{"error": "Chosen Model(s) are no longer available"}',
+                                                              "status": 400, "retry_after": None})):
+            rid, start = self.raw_task(self.create_request("build it", model_id=code_row["id"], modality=modality))
+            self.assertEqual(self.task_messages(rid, start)[-1]["data"], last)
+
+    def test_long_multi_lane_answer_arrives_byte_exact(self):
+        """A ~97,000-character two-lane webdev answer, cut at odd offsets inside characters and escapes, arrives exactly."""
+        self.arena.long_answer = True
+        rid, start = self.raw_task(self.create_request("a whole web page"), timeout=30)
+        msgs = self.task_messages(rid, start)
+        self.assertEqual(msgs[-1]["data"], "[DONE]")
+        chunks = [m["data"] for m in msgs if isinstance(m.get("data"), str)][:-1]
+        self.assertEqual("".join(chunks), long_capture()[0])
+        self.assertGreater(len(chunks), 1)
 
 
 class ThroughTheBridge(BrowserCase):
@@ -448,6 +624,60 @@ class ThroughTheBridge(BrowserCase):
         self.assertEqual(status, 200)
         self.assertEqual(self.ask("after the page showed it").choices[0].message.content, ANSWER)
         self.assertEqual(self.last_tab_request()["body"]["sessionContext"], context)
+
+
+class StandInData(unittest.TestCase):
+    """The stand-in's recorded-site data keeps its promises (no browser needed)."""
+
+    def test_catalog_is_full_size_with_names_repeated_across_and_within_arenas(self):
+        """470 rows in six arenas; document repeats text rows; names in several arenas and twice in one; about 40% of text rows list web."""
+        self.assertEqual([g["arena"] for g in CATALOG], list(testsupport.CATALOG_ARENAS))
+        rows = catalog_flattened()
+        self.assertEqual(len(rows), 470)
+        self.assertEqual(len({(r["id"], r["publicName"]) for r in rows}), len({r["id"] for r in rows}))  # an id: one name
+        text = CATALOG[0]["models"]
+        self.assertAlmostEqual(sum(bool(r["capabilities"]["outputCapabilities"].get("web")) for r in text) / len(text),
+                               0.4, delta=0.03)
+        names = lambda arena: [r["publicName"] for r in rows if r["arena"] == arena]
+        self.assertGreater(len(set(names("document")) & set(names("text"))), 90)
+        self.assertGreater(len(set(names("code")) & set(names("text"))), 70)
+        self.assertTrue(set(names("search")) & set(names("text")) and set(names("text-to-image")) & set(names("text")))
+        twins = [n for n in set(names("text")) if names("text").count(n) > 1]
+        self.assertGreaterEqual(len(twins), 6)
+        self.assertTrue(all(testsupport.UUID7_RE.fullmatch(r["id"]) for r in rows))
+        router = next(r for r in text if r["id"] == ROUTER_ID)
+        self.assertEqual(set(router["capabilities"]["outputCapabilities"]), {"text", "image", "search", "web"})
+        expected = testsupport.catalog_models_json()
+        self.assertEqual({k: expected[k] for k in ("stand-in-text", "stand-in-twin", "stand-in-image", "stand-in-search",
+                                                   "max")},
+                         {"stand-in-text": TEXT_ID, "stand-in-twin": TWIN_NEW_ID, "stand-in-image": f"{IMAGE_ID}:image",
+                          "stand-in-search": f"{testsupport.SEARCH_ID}:search", "max": ROUTER_ID})
+        self.assertFalse({"stand-in-retired", "gpt-4.5-preview", "stand-in-search:search"} & set(expected))
+
+    def test_long_capture_is_shaped_like_the_real_one(self):
+        """About 97,000 characters, every row newline-terminated, both lanes with every row kind; the expected lane-A text and reasoning are its a0 and ag rows."""
+        text, lane_a, reasoning = long_capture()
+        self.assertTrue(95_000 <= len(text) <= 110_000, len(text))
+        self.assertTrue(text.endswith("\n"))
+        rows = text.split("\n")[:-1]
+        kinds = {row[:2] for row in rows}
+        self.assertTrue({lane + code for lane in "ab" for code in "0g92afed"} <= kinds, kinds)
+        self.assertTrue(all(re.fullmatch(r"[ab][0-9a-z]:.+", row) for row in rows))
+        values = [(row[:2], json.loads(row[3:])) for row in rows]
+        self.assertEqual("".join(v for k, v in values if k == "a0"), lane_a)
+        self.assertEqual("".join(v for k, v in values if k == "ag"), reasoning)
+        self.assertTrue(any(v[0]["type"] == "webdev" for k, v in values if k == "b2"))
+        for needle in ("😀", "你好", "\\ud83d\\ude00", '\\"', "\\n", "\\t"):
+            self.assertIn(needle, text)
+        interleaved = sum(a[0] != b[0] for a, b in zip(rows, rows[1:]))
+        self.assertGreater(interleaved, 100)
+        data = text.encode()
+        cuts = testsupport.prime_cuts(data)
+        inner = cuts[1:-1]
+        self.assertTrue(all(all(c % d for d in range(2, int(c ** 0.5) + 1)) for c in inner))
+        self.assertTrue(any(0x80 <= data[c] <= 0xBF for c in inner), "no cut inside a UTF-8 sequence")
+        self.assertTrue(any(data[c - 1:c + 1] == b'\\"' for c in inner), 'no cut inside \\"')
+        self.assertTrue(any(re.match(rb"[0-9a-f]{1,4}", data[c:c + 4]) and b"\\u" in data[c - 5:c] for c in inner))
 
 
 @unittest.skipIf(CHROMIUM is None or sync_playwright is None, SKIP_REASON)

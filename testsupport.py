@@ -6,9 +6,14 @@
                 temp folder), BridgeCase, raw HTTP helpers (requests, responses, chunked bodies, SSE
                 events), run_cli, FileServer.
   Site side     the stand-in of today's LMArena (StandIn, ArenaHandler: pages with flight data, a fake
-                grecaptcha, server actions, the stream endpoints as PROTOCOL 2 describes), its TLS
-                certificate, the Chromium arguments that show it as https://arena.ai, and the shared
-                browser World / BrowserCase of the userscript tests.
+                grecaptcha, server actions, the stream endpoints as PROTOCOL 2 describes, the model
+                catalog, budget headers; switches in StandIn's docstring), its TLS certificate, the
+                Chromium arguments that show it as https://arena.ai, and the shared browser World /
+                BrowserCase of the userscript tests. Recorded-site data for both sides: CATALOG (the
+                catalog, 470 rows), catalog_flattened() (as the tab reports it), catalog_models_json()
+                (the models.json entries PROTOCOL 2.8 gives for it, worked out independently),
+                ROUTER_ID, long_capture() and prime_cuts() (a long two-lane answer and odd cuts of it),
+                send_like_the_site() (the page sends its own request), keys_anywhere().
 
 How the tab sees the stand-in: as on the real site. The stand-in serves https (a throw-away
 self-signed certificate made with the openssl command at start-up) and Chromium maps `arena.ai`
@@ -22,10 +27,12 @@ check exactly as from the real https://arena.ai (see test_userscript.py).
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import http.server
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -535,6 +542,362 @@ PAGE_MODELS = [
 ]
 MODALITY = {TEXT_ID: "chat", IMAGE_ID: "image", SEARCH_ID: "search", RETIRED_ID: "chat",
             TWIN_OLD_ID: "chat", TWIN_NEW_ID: "chat"}
+
+
+# -- The model catalog (PROTOCOL 2.8): full size, shaped like the real one, deterministic ------------------
+# GET /nextjs-api/model-catalog answers CATALOG: [{"arena", "models": [row, ...]}] in six arenas, 470 rows.
+# What it holds, on purpose: names repeated across arenas ("document" repeats most "text" rows with the
+# same ids; many text models are in "code" with ids of their own, some in "search" and "text-to-image"),
+# names repeated within an arena (two selectable rows of one publicName with UUIDv7 ids of different
+# times; a newer userSelectable false row beside an older selectable one; names with only unselectable
+# rows; anonymous rows without organization), about 40% of the text rows listing `web: true`, and the
+# router "max" listing text, image, search and web (a chat model: its arena is "text"). The stand-in's
+# own models are in it too: stand-in-text (text, document), stand-in-twin (two rows), stand-in-retired
+# (not selectable), stand-in-search (search only), stand-in-image (text-to-image only).
+CATALOG_ARENAS = ("text", "code", "document", "search", "text-to-image", "text-to-video")
+ARENA_MODALITY = {"text": "chat", "document": "chat", "code": "webdev", "search": "search",
+                  "text-to-image": "image", "text-to-video": "video"}
+_TEXT_FAMILIES = (
+    ("google", "gemini", ("2.0-flash", "2.5-flash", "2.5-flash-lite", "2.5-pro", "3-flash", "3-pro")),
+    ("anthropic", "claude", ("haiku-4-5", "opus-4", "opus-4-1", "opus-4-5", "sonnet-4", "sonnet-4-5",
+                             "3-7-sonnet")),
+    ("openai", "gpt", ("4.1", "4.1-mini", "4o", "5", "5-mini", "5-nano", "5.1", "5.1-high", "oss-120b",
+                       "oss-20b")),
+    ("xai", "grok", ("3", "3-mini", "4", "4-fast", "4.1", "code-fast-1")),
+    ("meta", "llama", ("3.1-405b", "3.1-70b", "3.3-70b", "4-maverick", "4-scout")),
+    ("deepseek", "deepseek", ("r1", "r1-0528", "v3", "v3.1", "v3.1-terminus", "v3.2-exp")),
+    ("alibaba", "qwen", ("2.5-max", "3-235b-a22b", "3-coder-480b", "3-max", "3-next-80b", "3-vl-235b",
+                         "3-30b-a3b")),
+    ("mistral", "mistral", ("large-2411", "medium-2508", "small-3.2", "nemo")),
+    ("moonshot", "kimi", ("k2", "k2-0905", "k2-thinking")),
+    ("zhipu", "glm", ("4.5", "4.5-air", "4.6", "4.5v")),
+    ("amazon", "nova", ("pro", "lite", "micro", "premier")),
+    ("cohere", "command", ("a", "r-plus", "a-reasoning")),
+    ("minimax", "minimax", ("m1", "m2")),
+    ("tencent", "hunyuan", ("t1", "large", "turbos")),
+    ("bytedance", "seed", ("1.6", "1.6-flash", "oss-36b")),
+    ("ibm", "granite", ("3.3-8b", "4.0-h-small")),
+    ("microsoft", "phi", ("4", "4-reasoning")),
+    ("nvidia", "nemotron", ("ultra-253b", "super-49b")),
+    ("ai21", "jamba", ("1.7-large", "1.7-mini")),
+    ("baidu", "ernie", ("4.5", "x1", "5.0")),
+    ("stepfun", "step", ("3", "2-16k")),
+    ("inclusionai", "ling", ("flash-2.0", "1t")),
+    ("meituan", "longcat", ("flash-chat", "flash-thinking")),
+    ("mistral", "magistral", ("medium-2509", "small-2509")),
+    ("google", "gemma", ("3-27b", "3-12b", "3n-e4b")),
+    ("openai", "chatgpt", ("4o-latest",)),
+)
+_IMAGE_FAMILIES = (
+    ("openai", "gpt-image", ("1", "1-mini", "1-high")),
+    ("google", "imagen", ("3.0", "4.0", "4.0-fast", "4.0-ultra")),
+    ("bfl", "flux", ("1.1-pro", "1-kontext-pro", "1-kontext-max", "1-dev", "2-pro", "2-flex", "1.1-ultra")),
+    ("ideogram", "ideogram", ("v2", "v3", "v3-quality", "v3-turbo", "v2a")),
+    ("recraft", "recraft", ("v3", "v2", "v3-svg")),
+    ("bytedance", "seedream", ("3", "4", "4-high-res", "4-2k")),
+    ("alibaba", "qwen-image", ("base", "edit", "prompt-extend", "plus")),
+    ("tencent", "hunyuan-image", ("2.1", "3.0")),
+    ("stability", "stable-diffusion", ("3.5-large", "3.5-medium", "3-ultra", "xl")),
+    ("midjourney", "midjourney", ("v6", "v6.1", "v7")),
+    ("leonardo", "lucid", ("origin", "realism")),
+    ("luma", "photon", ("1", "flash")),
+    ("reve", "reve", ("v1", "fast")),
+    ("krea", "krea", ("1", "flux")),
+    ("playground", "playground", ("v3", "v2.5")),
+    ("minimax", "image", ("01", "01-live")),
+    ("kuaishou", "kolors", ("2.0", "2.1")),
+    ("xai", "grok-imagine", ("image", "image-pro")),
+    ("microsoft", "mai-image", ("1",)),
+    ("nvidia", "sana", ("1.5", "sprint")),
+    ("hidream", "hidream", ("i1-full", "i1-dev", "e1")),
+    ("baidu", "ernie-image", ("1",)),
+    ("amazon", "nova-canvas", ("1", "premier")),
+    ("adobe", "firefly", ("image-4", "image-4-ultra", "image-5")),
+    ("runway", "gen4-image", ("base", "turbo")),
+    ("vivago", "vivago", ("2.0",)),
+    ("lumina", "lumina", ("image-2",)),
+    ("janus", "janus", ("pro-7b",)),
+    ("google", "gemini-image", ("2.5-flash", "3-pro")),
+    ("openai", "dall-e", ("3", "3-hd")),
+    ("qwen", "qwen-vlo", ("1",)),
+    ("fal", "aura-flow", ("0.3",)),
+)
+_VIDEO_FAMILIES = (
+    ("google", "veo", ("2", "3", "3-fast", "3-audio", "3.1", "3.1-fast")),
+    ("openai", "sora", ("1", "2", "2-pro")),
+    ("kuaishou", "kling", ("1.6-pro", "2.0-master", "2.1-master", "2.1-pro", "2.5-turbo", "2.5-pro")),
+    ("minimax", "hailuo", ("02-pro", "02-standard", "02-fast", "2.3")),
+    ("bytedance", "seedance", ("1.0-pro", "1.0-lite", "1.0-pro-fast")),
+    ("alibaba", "wan", ("2.1", "2.2-a14b", "2.5-preview", "2.5")),
+    ("luma", "ray", ("2", "2-flash", "3")),
+    ("runway", "gen", ("3-alpha", "4", "4-turbo", "4-aleph")),
+    ("pika", "pika", ("2.1", "2.2", "2.5")),
+    ("tencent", "hunyuan-video", ("1", "i2v")),
+    ("lightricks", "ltx-video", ("13b", "2")),
+    ("vidu", "vidu", ("q1", "2.0", "q2")),
+    ("xai", "grok-imagine-video", ("1",)),
+    ("pixverse", "pixverse", ("v4.5", "v5")),
+    ("moonvalley", "marey", ("1",)),
+    ("genmo", "mochi", ("1", "1-hd")),
+    ("haiper", "haiper", ("2.0", "2.5")),
+    ("midjourney", "mj-video", ("v1", "v1-hd")),
+)
+_SEARCH_ONLY = (("perplexity", "sonar", ("pro", "reasoning-pro", "deep-research", "base")),
+                ("exa", "exa-search", ("answer", "research")), ("you", "you-search", ("ari", "express")))
+_CODE_ONLY = (("stand-in-labs", "webdev-agent", ("1", "2", "pro")), ("anthropic", "claude-code", ("agent",)),
+              ("openai", "codex", ("web", "mini")))
+_DOCUMENT_ONLY = (("stand-in-labs", "doc-reader", ("1", "2", "long")),)
+
+
+def catalog_id(seed: str, day: int) -> str:
+    """A deterministic UUIDv7: its time is `day` days after 2024-06-01 (a larger day is a newer id)."""
+    h = int(hashlib.sha256(seed.encode()).hexdigest(), 16)
+    ms = 1717200000000 + day * 86_400_000 + h % 86_400_000
+    value = (ms << 80) | (0x7 << 76) | (((h >> 64) & 0xFFF) << 64) | (0b10 << 62) | (h & ((1 << 62) - 1))
+    return str(uuid.UUID(int=value))
+
+
+def _names(families):
+    return [(org, f"{family}-{v}") for org, family, versions in families for v in versions]
+
+
+def _row(name, org, mid, out_caps, selectable=True, image_in=True):
+    row = {"id": mid, "organization": org, "provider": org, "publicName": name, "name": f"{org}/{name}",
+           "displayName": name.replace("-", " ").title(),
+           "capabilities": {"inputCapabilities": {"text": True, "image": image_in}, "outputCapabilities": out_caps},
+           "userSelectable": selectable}
+    if not org:              # an anonymous (battle-only) model: no organization or provider
+        del row["organization"], row["provider"]
+    return row
+
+
+def _catalog_row(page_model, **extra):
+    """A stand-in model of the page data as a catalog row (the same object plus the catalog's keys)."""
+    return dict(page_model, name="stand-in/" + page_model["publicName"], displayName=page_model["publicName"],
+                **extra)
+
+
+def build_catalog() -> list:
+    text_names = _names(_TEXT_FAMILIES)
+    text_names += [("stand-in-labs", f"atlas-{k}") for k in range(1, 109 - len(text_names))]   # 108 in all
+    text_caps = lambda i: {"text": True, "web": True} if i % 5 in (0, 3) else {"text": True}   # 40% web
+    arenas = {a: [] for a in CATALOG_ARENAS}
+    text_rows = [_row(n, org, catalog_id(f"text|{n}", 300 + i), text_caps(i), image_in=i % 3 != 0)
+                 for i, (org, n) in enumerate(text_names)]
+    page = {m["publicName"] + ("-old" if m["id"] == TWIN_OLD_ID else ""): m for m in PAGE_MODELS}
+    arenas["text"] = list(text_rows) + [
+        _row("max", "stand-in-labs", catalog_id("text|max", 420),
+             {"text": True, "image": True, "search": True, "web": True}),
+        _catalog_row(page["stand-in-text"]), _catalog_row(page["stand-in-twin-old"]),
+        _catalog_row(page["stand-in-twin"]), _catalog_row(page["stand-in-retired"])]
+    for i in (3, 15, 40, 78):           # an older selectable row of the same name: the newer one wins
+        org, n = text_names[i]
+        arenas["text"].append(_row(n, org, catalog_id(f"text-old|{n}", 10 + i), text_caps(i)))
+    for i in (5, 60):                   # a newer row that is not selectable: the older selectable one wins
+        org, n = text_names[i]
+        arenas["text"].append(_row(n, org, catalog_id(f"text-new|{n}", 500 + i), {"text": True}, selectable=False))
+    arenas["text"] += [_row("gpt-4.5-preview", "openai", catalog_id("text|gpt-4.5-preview", 200), {"text": True},
+                            selectable=False),                  # only unselectable rows: not offered
+                       _row("anonymous-1021", "", catalog_id("text|anon1", 450), {"text": True}, selectable=False),
+                       _row("anonymous-1107", "", catalog_id("text|anon2", 460), {"text": True}, selectable=False)]
+    # document: most text rows again (same objects, same ids), the stand-in's text model, three of its own
+    arenas["document"] = text_rows[:96] + [_catalog_row(page["stand-in-text"])] + [
+        _row(n, org, catalog_id(f"document|{n}", 380 + i), {"text": True}) for i, (org, n) in enumerate(_names(_DOCUMENT_ONLY))]
+    # code: 80 text models with ids of their own, six code-only models, an older twin, an unselectable row
+    arenas["code"] = [_row(n, org, catalog_id(f"code|{n}", 320 + i), {"text": True, "web": True})
+                      for i, (org, n) in enumerate(text_names[:80])]
+    arenas["code"] += [_row(n, org, catalog_id(f"code|{n}", 400 + i), {"text": True, "web": True})
+                       for i, (org, n) in enumerate(_names(_CODE_ONLY))]
+    org, n = text_names[11]
+    arenas["code"].append(_row(n, org, catalog_id(f"code-old|{n}", 1), {"text": True, "web": True}))
+    org, n = text_names[12]
+    arenas["code"].append(_row(n, org, catalog_id(f"code-new|{n}", 600), {"text": True, "web": True},
+                               selectable=False))
+    # search: the stand-in's search model (here only), ten text models, search-only models, an older twin
+    arenas["search"] = [_catalog_row(page["stand-in-search"])]
+    arenas["search"] += [_row(n, org, catalog_id(f"search|{n}", 340 + i), {"text": True, "search": True})
+                         for i, (org, n) in enumerate(text_names[:40:4])]
+    arenas["search"] += [_row(n, org, catalog_id(f"search|{n}", 360 + i), {"text": True, "search": True})
+                         for i, (org, n) in enumerate(_names(_SEARCH_ONLY))]
+    org, n = _names(_SEARCH_ONLY)[0]
+    arenas["search"].append(_row(n, org, catalog_id(f"search-old|{n}", 2), {"text": True, "search": True}))
+    # text-to-image: the stand-in's image model, six text models, image models, twins
+    image_caps = {"image": {"aspectRatios": ["1:1", "16:9", "9:16"]}}
+    arenas["text-to-image"] = [_catalog_row(page["stand-in-image"])]
+    arenas["text-to-image"] += [_row(n, org, catalog_id(f"image|{n}", 350 + i), {"text": True, "image": True})
+                                for i, (org, n) in enumerate(text_names[:6])]
+    image_names = _names(_IMAGE_FAMILIES)
+    arenas["text-to-image"] += [_row(n, org, catalog_id(f"image|{n}", 250 + i), image_caps, image_in=i % 2 == 0)
+                                for i, (org, n) in enumerate(image_names)]
+    org, n = image_names[0]
+    arenas["text-to-image"].append(_row(n, org, catalog_id(f"image-old|{n}", 3), image_caps))
+    org, n = image_names[1]
+    arenas["text-to-image"].append(_row(n, org, catalog_id(f"image-new|{n}", 700), image_caps, selectable=False))
+    # text-to-video
+    video_caps = {"video": {"durations": [5, 8], "audio": False}}
+    arenas["text-to-video"] = [_row(n, org, catalog_id(f"video|{n}", 260 + i), video_caps)
+                               for i, (org, n) in enumerate(_names(_VIDEO_FAMILIES))]
+    catalog = []
+    for arena in CATALOG_ARENAS:
+        rows = [dict(r, rank=i + 1) for i, r in enumerate(arenas[arena])]
+        catalog.append({"arena": arena, "models": rows})
+    return catalog
+
+
+CATALOG = build_catalog()
+
+
+def catalog_flattened(catalog=None) -> list:
+    """The catalog as the tab reports it (PROTOCOL 1): each row unmodified plus "arena"."""
+    return [dict(row, arena=group["arena"]) for group in (CATALOG if catalog is None else catalog)
+            for row in group["models"]]
+
+
+def catalog_models_json(catalog=None) -> dict:
+    """The models.json entries the catalog must give by the naming rule of PROTOCOL 2.8, worked out here
+    independently of bridge.py (compare with bridge.page_model_entries(catalog_flattened()))."""
+    catalog = CATALOG if catalog is None else catalog
+    newest = {}                                   # name -> {arena: id of its newest selectable row there}
+    for group in catalog:
+        for row in group["models"]:
+            if row.get("userSelectable") is False:
+                continue
+            ids = newest.setdefault(row["publicName"], {})
+            if group["arena"] not in ids or row["id"] > ids[group["arena"]]:   # UUIDv7s sort by time
+                ids[group["arena"]] = row["id"]
+    order = [group["arena"] for group in catalog]
+
+    def value(mid, modality):
+        return mid if modality == "chat" else f"{mid}:{modality}"
+    out = {}
+    for name, ids in newest.items():
+        arenas = [a for a in order if a in ids]
+        plain = "text" if "text" in ids else arenas[0]
+        out[name] = value(ids[plain], ARENA_MODALITY[plain])
+        for arena in arenas:
+            modality = ARENA_MODALITY[arena]
+            if modality != ARENA_MODALITY[plain]:
+                out.setdefault(f"{name}:{modality}", value(ids[arena], modality))
+    return out
+
+
+def _accepted_models():
+    """model id -> (selectable, modalities it may be asked with): page data and catalog alike."""
+    out = {m["id"]: (m["userSelectable"], {MODALITY[m["id"]]}) for m in PAGE_MODELS}
+    for group in CATALOG:
+        for row in group["models"]:
+            selectable, modalities = out.get(row["id"], (row["userSelectable"], set()))
+            out[row["id"]] = (selectable, modalities | {ARENA_MODALITY[group["arena"]]})
+    return out
+
+
+ACCEPTED_MODELS = _accepted_models()
+ROUTER_ID = next(r["id"] for r in CATALOG[0]["models"] if r["publicName"] == "max")
+
+
+# -- A long multi-lane answer shaped like the real capture (PROTOCOL 2.6) -------------------------------
+_TEXT_BITS = ("Here is ", "the page ", "you asked for: ", "a **landing page** ", "with a hero section, ",
+              'some "quotes", ', "a back\\slash, ", "tabs\tand\nnew lines, ", "emoji 😀🚀 ", "a family 👩‍👩‍👧 ",
+              "flags 🇫🇷🇯🇵 ", "CJK 你好，世界 ", "日本語のテキスト ", "한국어 문장 ", "math ∑ x² ≤ ∞ ",
+              "accents é à ü ß ", "a clef 𝄞 ", "</script> ", 'code `x = {"a": [1, 2]}` ', "done. ")
+_REASONING_BITS = ("Let me think. ", "The user wants a page; ", "I'll use flexbox. ", "Check: 17*3 = 51. ",
+                   "Ünïcödé in thoughts 🤔 ", "考虑布局。 ", 'quote " and \\ too. ', "Next step.\n")
+
+
+def _source_file(rnd, n_lines):
+    lines_ = ['<!doctype html>', '<html lang="en"><head><meta charset="utf-8">',
+              '<style>body { font: 16px/1.5 "Inter", sans-serif; } .hero::after { content: "\\2014"; }</style>']
+    for i in range(n_lines):
+        lines_.append(rnd.choice((
+            f'  <p class="row-{i}">Zeile {i}: “smart quotes” and \'single\' — 你好 {i} 😀</p>',
+            f'  <script>const s{i} = "tab\\tand\\nnewline"; console.log(s{i}.split("\\n"));</script>',
+            f'  <div data-json=\'{{"k": "v{i}", "n": [{i}, {i + 1}]}}\'>C:\\\\path\\\\{i}</div>',
+            f'  <!-- step {i}: \\u00e9 stays literal here, 🇯🇵 too -->')))
+    return "\n".join(lines_ + ["</html>"]) + "\n"
+
+
+def _lane_events(lane, rnd, rounds):
+    """One participant's rows, in order: [(code, value, ascii_only)]; its text and reasoning."""
+    ev, text, reasoning = [], [], []
+    ev.append(("f", {"messageId": str(uuid.UUID(int=rnd.getrandbits(128)))}, False))
+    for _ in range(rnd.randint(8, 14)):
+        bit = rnd.choice(_REASONING_BITS)
+        ev.append(("g", bit, rnd.random() < 0.25))
+        reasoning.append(bit)
+    ev.append(("2", [{"type": "heartbeat"}], False))
+    for r in range(rounds):
+        for _ in range(rnd.randint(6, 16)):
+            bit = rnd.choice(_TEXT_BITS)
+            ev.append(("0", bit, rnd.random() < 0.25))   # a quarter with \uXXXX escapes (surrogate pairs too)
+            text.append(bit)
+        call = f"call_{lane}{r}_{rnd.getrandbits(32):08x}"
+        path = f"src/page_{r}.html"
+        ev.append(("9", {"toolCallId": call, "toolName": "create_file",
+                         "args": {"path": path, "content": _source_file(rnd, rnd.randint(12, 30))}}, rnd.random() < 0.3))
+        ev.append(("2", [{"type": "heartbeat"}], False))
+        ev.append(("a", {"toolCallId": call, "result": {"ok": True, "path": path, "bytes": rnd.randint(500, 4000)}},
+                   False))
+        ev.append(("2", [{"type": "webdev", "status": "building", "sandboxId": f"sbx-{lane}-{r}",
+                          "files": [path], "note": "构建中 ⏳"}], False))
+        ev.append(("e", {"finishReason": "tool-calls", "isContinued": True}, False))
+        ev.append(("f", {"messageId": str(uuid.UUID(int=rnd.getrandbits(128)))}, False))
+    ev.append(("2", [{"type": "webdev", "status": "ready", "url": f"https://sandbox.example/{lane}/index.html"}], False))
+    ev.append(("e", {"finishReason": "stop", "isContinued": False}, False))
+    ev.append(("d", {"finishReason": "stop", "usage": {"promptTokens": 1234, "completionTokens": 20000}}, False))
+    return ev, "".join(text), "".join(reasoning)
+
+
+@functools.lru_cache(maxsize=4)
+def long_capture(target_chars=97_000):
+    """-> (text, lane A's text, lane A's reasoning): a battle/webdev answer of about `target_chars`
+    characters shaped like the real 2026-08 capture (PROTOCOL 2.6): lanes a and b interleaved, text
+    (a0/b0), reasoning (ag/bg), tool calls and results (a9/aa, b9/ba), data rows (a2/b2: webdev and
+    heartbeats), step and finish rows (af/bf, ae/be, ad/bd), every row ending with a newline; unicode
+    (emoji, ZWJ sequences, flags, CJK) and escapes (\\" \\\\ \\n \\t \\uXXXX, surrogate pairs) in strings."""
+    for rounds in range(4, 200):
+        rnd = random.Random(2608)
+        lanes = {lane: _lane_events(lane, rnd, rounds) for lane in "ab"}
+        queues = {lane: list(lanes[lane][0]) for lane in "ab"}
+        rows = []
+        while queues["a"] or queues["b"]:
+            lane = rnd.choice([x for x in "ab" if queues[x]])
+            for _ in range(rnd.randint(1, 3)):
+                if queues[lane]:
+                    code, value, ascii_only = queues[lane].pop(0)
+                    rows.append(f"{lane}{code}:{json.dumps(value, ensure_ascii=ascii_only)}\n")
+        text = "".join(rows)
+        if len(text) >= target_chars:
+            return text, lanes["a"][1], lanes["a"][2]
+    raise ValueError("target_chars too large")
+
+
+def _is_prime(n):
+    return n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1))
+
+
+def prime_cuts(data: bytes) -> list:
+    """Chunk boundaries for `data`, every one a prime byte offset: spread over the body in uneven steps,
+    plus cuts inside a 4-byte and a 3-byte UTF-8 sequence, inside a \\" and a \\uXXXX escape and between
+    a row's lane letter and its code (when the body has them)."""
+    cuts = {0, len(data)}
+    steps, pos, k = (251, 997, 1499, 2003, 101, 3001, 7), 0, 0
+    while True:
+        pos += steps[k % len(steps)]
+        k += 1
+        while pos < len(data) and not _is_prime(pos):
+            pos += 1
+        if pos >= len(data):
+            break
+        cuts.add(pos)
+    for pattern, inside in ((re.compile(rb"[\xf0-\xf4][\x80-\xbf]{3}"), (1, 2, 3)),
+                            (re.compile(rb"[\xe0-\xef][\x80-\xbf]{2}"), (1, 2)),
+                            (re.compile(rb'\\"'), (1,)), (re.compile(rb"\\u[0-9a-fA-F]{4}"), (1, 2, 3, 4, 5)),
+                            (re.compile(rb"\n[ab][0-9a-z]:"), (2,))):
+        cut = next((m.start() + i for m in pattern.finditer(data) for i in inside if _is_prime(m.start() + i)), None)
+        if cut is not None:
+            cuts.add(cut)
+    return sorted(cuts)
+
 IMMUTABLE = {"Cache-Control": "max-age=31536000, immutable"}   # a hashed script URL never changes
 UUID7_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 ACTIONS = ("generateUploadUrl", "getSignedUrl", "archiveEvaluationSession", "deleteEvaluationSession")
@@ -613,8 +976,9 @@ window.__mints = []; window.__mintDelayMs = 0;
 })();
 """
 
-# The site's own client: sends create-evaluation the way the site does, with whatever fields the
-# site's current build adds (from /_site/config), through window.fetch (the userscript's wrapper).
+# The site's own client: sends create-evaluation the way the site does (2026: with
+# forceLowRecaptchaScore and secrets next to the token, PROTOCOL 2.2), with whatever fields the site's
+# current build adds (from /_site/config), through window.fetch (the userscript's wrapper).
 SITE_CLIENT = """
 function uuidv7() {
   const b = crypto.getRandomValues(new Uint8Array(16));
@@ -630,7 +994,7 @@ window.__sendLikeTheSite = async function (text) {
   const body = Object.assign({id: uuidv7(), mode: 'direct-battle', modelAId: 'TEXT_ID',
     userMessageId: uuidv7(), modelAMessageId: uuidv7(), modelBMessageId: uuidv7(),
     userMessage: {content: text, experimental_attachments: [], metadata: {}}, modality: 'chat',
-    recaptchaV3Token: token}, config.extraFields);
+    recaptchaV3Token: token}, config.siteFields, config.extraFields);
   const r = await fetch('/nextjs-api/stream/create-evaluation', {method: 'POST', body: JSON.stringify(body),
     headers: {'Content-Type': 'text/plain;charset=UTF-8', 'X-Stand-In-Client': 'page'}});
   return [r.status, await r.text()];
@@ -640,8 +1004,29 @@ window.__sendLikeTheSite = async function (text) {
 
 class StandIn(ThreadingHTTPServer):
     """Today's LMArena, as far as the tab can tell. Switches (attributes, reset by `reset`):
-    dialect ("A"/"B"), refuse_v3, required_field, extra_fields (what the page's own client adds),
-    retry_after. `rotate_site_key()` and `deploy()` change the site for good, as on the real one."""
+    - dialect ("A"/"B"), refuse_v3, required_field, retry_after (of the "please 429" answer).
+    - extra_fields: what the page's own client adds to its create-evaluation (a field to learn);
+      site_fields: what it sends beside its token, like the real site in 2026 (forceLowRecaptchaScore:
+      true, secrets). `send_like_the_site(page, ...)` makes the page send one.
+    - catalog, catalog_status: GET /nextjs-api/model-catalog answers `catalog` (default CATALOG) with
+      200, or 404 (an HTML not-found page), 500 (JSON error), "html" (200 with an HTML page), another
+      status (e.g. 503: that status with the catalog as the body; a stale copy must not be used).
+    - budget_remaining, budget_reset (seconds), budget_limit: stream answers carry `ratelimit: limit=L,
+      remaining=R, reset=S` and `ratelimit-policy: L;w=300` (PROTOCOL 2.9); each accepted request takes
+      one (the retry endpoint's too); with none left a create-/post-to-evaluation answers 429 {"error":
+      "Too Many Requests"} with those headers and Retry-After = budget_reset.
+    - dropped (set of conversation ids), drop_all: post-to-evaluation of such a conversation answers
+      404 {"error": "Evaluation session not found"} (the server dropped it).
+    - lost_session: stream endpoints answer 401 {"message": "User not found"} (the page's cookies are
+      gone). Any /api/* route answers 403 {"error": "Route not allowed"}, always.
+    - routes ({model id: routed model name}): that model's text answer starts with the data row
+      `a2:[{"type":"routed_model","model":"<name>"}]` (a router such as "max", ROUTER_ID, naming the
+      model it picked), then the usual rows.
+    - long_answer: text answers are long_capture()[0], cut at prime_cuts() (odd sizes that split UTF-8
+      sequences and escapes).
+    - token_field_v3, token_field_v2: the body fields the token must arrive in (a renamed field).
+    A tab request carrying forceLowRecaptchaScore or secrets anywhere is noted in `problems`.
+    `rotate_site_key()` and `deploy()` change the site for good, as on the real one."""
     daemon_threads = True
 
     def __init__(self, certfile, keyfile):
@@ -664,6 +1049,7 @@ class StandIn(ThreadingHTTPServer):
         self.archived, self.deleted = [], []
         self.seen_ids, self.used_tokens = set(), set()
         self.rsc_fetches = []       # paths fetched with "RSC: 1"
+        self.catalog_fetches = []   # {"cookie": the auth cookie came along, "status"} per catalog request
         self.challenges = 0
         self.challenge_pending = False
         self.aborted = threading.Event()
@@ -681,7 +1067,25 @@ class StandIn(ThreadingHTTPServer):
         self.required_field = None
         self.extra_fields = {}
         self.retry_after = 1
+        self.site_fields = {"forceLowRecaptchaScore": True,
+                            "secrets": {"turnstileToken": "0.stand-in-secret", "sessionKey": "do-not-copy"}}
+        self.catalog = CATALOG
+        self.catalog_status = 200
+        self.budget_limit = 1800
+        self.budget_remaining = 1800
+        self.budget_reset = 240
+        self.dropped = set()
+        self.drop_all = False
+        self.lost_session = False
+        self.routes = {}
+        self.long_answer = False
+        self.token_field_v3 = "recaptchaV3Token"
+        self.token_field_v2 = "recaptchaV2Token"
         self.aborted.clear()
+
+    def budget_headers(self) -> dict:
+        return {"ratelimit": f"limit={self.budget_limit}, remaining={self.budget_remaining}, reset={self.budget_reset}",
+                "ratelimit-policy": f"{self.budget_limit};w=300"}
 
     # -- switches that change the site for good --
     @property
@@ -708,6 +1112,11 @@ class StandIn(ThreadingHTTPServer):
     def judge(self, rec, conv_id, headers):
         """-> (status, content type, body bytes, extra headers) for an error, or ("stream", kind)."""
         body = rec["body"]
+        if rec["client"] == "tab":
+            for name in sorted(keys_anywhere(body) & {"forceLowRecaptchaScore", "secrets"}):
+                self.problems.append(f"the tab sent {name}")
+        if self.lost_session:
+            return json_error(401, {"message": "User not found"})
         if headers.get("Content-Type") != "text/plain;charset=UTF-8":
             self.problems.append(f"content type {headers.get('Content-Type')!r}")
             return json_error(400, {"error": "Unsupported content type"})
@@ -723,6 +1132,9 @@ class StandIn(ThreadingHTTPServer):
                     {"cf-mitigated": "challenge"})
         if "arena-auth-prod-v1.0=" not in headers.get("Cookie", ""):
             return json_error(401, {"error": "auth token has expired"})
+        if self.budget_remaining <= 0:
+            return json_error(429, {"error": "Too Many Requests"},
+                              dict(self.budget_headers(), **{"Retry-After": str(self.budget_reset)}))
         issues = []
         required = ["id", "mode", "modelAId", "userMessageId", "modelAMessageId", "userMessage", "modality"]
         if self.required_field:
@@ -750,10 +1162,10 @@ class StandIn(ThreadingHTTPServer):
             return json_error(400, {"error": "'direct' mode is not allowed when starting a new conversation"})
         if body["mode"] not in ("direct-battle", "side-by-side", "battle", "direct"):
             return zod_error([{"path": ["mode"], "message": "Invalid enum value"}])
-        m = next((x for x in PAGE_MODELS if x["id"] == body["modelAId"]), None)
-        if m is not None and not m["userSelectable"]:
+        selectable, modalities = ACCEPTED_MODELS.get(body["modelAId"], (None, ()))
+        if selectable is False:
             return json_error(400, {"error": "Selected model is not available for user selection"})
-        if m is None or MODALITY[m["id"]] != body["modality"]:
+        if body["modality"] not in modalities:
             return json_error(400, {"error": "Chosen Model(s) are no longer available"})
         for a in um["experimental_attachments"]:
             if not (isinstance(a, dict) and a.get("url") in self.signed and a.get("name") and a.get("contentType")):
@@ -761,7 +1173,7 @@ class StandIn(ThreadingHTTPServer):
         conv = None
         if conv_id is not None:
             conv = self.conversations.get(conv_id)
-            if conv is None:
+            if conv is None or conv_id in self.dropped or self.drop_all:
                 return json_error(404, {"error": "Evaluation session not found"})
             if body["mode"] != conv["mode"]:
                 return json_error(400, {"error": f"Bad next turn request in Battles in {body['mode']} mode"})
@@ -778,13 +1190,16 @@ class StandIn(ThreadingHTTPServer):
             else:
                 conv["turns"].append(content)
         if "please 429" in content:
-            return json_error(429, {"error": "Too Many Requests"}, {"Retry-After": str(self.retry_after)})
+            return json_error(429, {"error": "Too Many Requests"},
+                              dict(self.budget_headers(), **{"Retry-After": str(self.retry_after)}))
+        with self.lock:
+            self.budget_remaining -= 1
         if "slow" in content:
             return ("stream", "slow")
         return ("stream", {"image": "image", "search": "search"}.get(body["modality"], "text"))
 
     def check_token(self, body) -> bool:
-        v2, v3 = body.get("recaptchaV2Token"), body.get("recaptchaV3Token")
+        v2, v3 = body.get(self.token_field_v2), body.get(self.token_field_v3)
         with self.lock:
             if v2 is not None:
                 ok = isinstance(v2, str) and v2.startswith(f"v2.{V2_KEY}.") and v2 not in self.used_tokens
@@ -797,6 +1212,26 @@ class StandIn(ThreadingHTTPServer):
             if ok:
                 self.used_tokens.add(token)
         return ok
+
+
+def keys_anywhere(value) -> set:
+    """Every key of every object in a JSON value, at any depth."""
+    if isinstance(value, dict):
+        return set(value).union(*(keys_anywhere(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(keys_anywhere(v) for v in value))
+    return set()
+
+
+def send_like_the_site(page, arena, text="hello from the page", extra_fields=None) -> tuple:
+    """The page itself sends create-evaluation as the site does when the user sends a message
+    (PROTOCOL 2.2): ids, a v3 token, `arena.site_fields` (forceLowRecaptchaScore: true, secrets) and
+    `extra_fields` (default NEW_FIELD: a field the tab should learn) -> (status, answer text)."""
+    arena.extra_fields = dict(NEW_FIELD if extra_fields is None else extra_fields)
+    return tuple(page.evaluate("(t) => __sendLikeTheSite(t)", text))
+
+
+NEW_FIELD = {"newRequiredField": {"x": 1}}
 
 
 def json_error(status, obj, headers=None):
@@ -839,6 +1274,10 @@ class ArenaHandler(BaseHTTPRequestHandler):
     # -- GET: pages, scripts, the RSC payload, the site's config --
     def do_GET(self):
         srv, path = self.server, self.path_only()
+        if path.startswith("/api/"):
+            return self.route_not_allowed()
+        if path == "/nextjs-api/model-catalog":
+            return self.model_catalog()
         m = re.fullmatch(r"/static/app\.js\?v=(\d+)", self.path)
         if m:      # the site keys live only in this script file; a new key is a new file (URL)
             key = site_key(int(m.group(1)))
@@ -856,7 +1295,8 @@ class ArenaHandler(BaseHTTPRequestHandler):
                   f'var r=n(5555);let {refs};}}}}]);')
             return self.reply(200, "application/javascript", js.encode(), IMMUTABLE)
         if path == "/_site/config":
-            body = json.dumps({"siteKey": srv.site_key, "extraFields": srv.extra_fields}).encode()
+            body = json.dumps({"siteKey": srv.site_key, "extraFields": srv.extra_fields,
+                               "siteFields": srv.site_fields}).encode()
             return self.reply(200, "application/json", body)
         if path in ("/", "/text/direct", "/leaderboard") or path.startswith("/c/"):
             with_models = path != "/leaderboard"
@@ -880,9 +1320,31 @@ class ArenaHandler(BaseHTTPRequestHandler):
             return
         return self.reply(404, "text/plain", b"not found")
 
+    def route_not_allowed(self):
+        return self.reply(403, "application/json", b'{"error":"Route not allowed"}')
+
+    def model_catalog(self):
+        srv = self.server
+        status = srv.catalog_status
+        srv.catalog_fetches.append({"cookie": "arena-auth-prod-v1.0=" in self.headers.get("Cookie", ""),
+                                    "status": status})
+        if status == 200:
+            return self.reply(200, "application/json", json.dumps(srv.catalog).encode(), {"Cache-Control": "no-store"})
+        if status == "html":
+            return self.reply(200, "text/html; charset=utf-8", b"<!doctype html><title>LMArena</title><p>Sign in")
+        if status == 404:
+            return self.reply(404, "text/html; charset=utf-8", b"<!doctype html><h1>404</h1>This page could not be found.")
+        if status == 500:
+            return self.reply(500, "application/json", b'{"error":"Internal Server Error"}')
+        # another error status with a body that looks usable (a stale copy): the status decides
+        return self.reply(int(status), "application/json", json.dumps(srv.catalog).encode())
+
     # -- POST: server actions (any page path with Next-Action) and the stream endpoints --
     def do_POST(self):
         path = self.path_only()
+        if path.startswith("/api/"):
+            self.read_body()
+            return self.route_not_allowed()
         if self.headers.get("Next-Action"):
             return self.server_action(self.headers["Next-Action"], self.read_body())
         if path == "/nextjs-api/stream/create-evaluation":
@@ -910,34 +1372,46 @@ class ArenaHandler(BaseHTTPRequestHandler):
             return self.reply(*verdict)
         rec["status"] = 200
         kind = verdict[1]
+        budget = srv.budget_headers()
         if kind == "slow":
-            return self.stream_slowly()
+            return self.stream_slowly(budget)
         if kind == "image":
-            return self.stream(IMAGE_ROWS, [0, len(IMAGE_ROWS) // 2, len(IMAGE_ROWS)])
+            return self.stream(IMAGE_ROWS, [0, len(IMAGE_ROWS) // 2, len(IMAGE_ROWS)], budget)
         if kind == "search":
-            return self.stream(SEARCH_ROWS, [0, 40, len(SEARCH_ROWS)])
+            return self.stream(SEARCH_ROWS, [0, 40, len(SEARCH_ROWS)], budget)
+        if srv.long_answer:
+            data = long_capture()[0].encode()
+            return self.stream(data, prime_cuts(data), budget, pause=0.002)
+        rows = ROWS_A
+        routed = srv.routes.get(body["modelAId"])
+        if routed:
+            rows = f'a2:{json.dumps([{"type": "routed_model", "model": routed}], separators=(",", ":"))}\n'.encode() + rows
         if srv.dialect == "B":   # no delimiters, after an object that echoes the request
             echo = json.dumps({"id": body["id"], "mode": body["mode"], "userMessage": {"content": "..."}})
-            data = echo.encode() + ROWS_A.replace(b"\n", b"")
-            return self.stream(data, cut_points(data))
-        return self.stream(ROWS_A, cut_points(ROWS_A))
+            data = echo.encode() + rows.replace(b"\n", b"")
+            return self.stream(data, cut_points(data), budget)
+        return self.stream(rows, cut_points(rows), budget)
 
-    def stream(self, data, cuts):
+    def stream(self, data, cuts, headers=None, pause=0.03):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Transfer-Encoding", "chunked")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         for a, b in zip(cuts, cuts[1:]):
             piece = data[a:b]
             self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
             self.wfile.flush()
-            time.sleep(0.03)
+            time.sleep(pause)
         self.wfile.write(b"0\r\n\r\n")
 
-    def stream_slowly(self):
+    def stream_slowly(self, headers=None):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Transfer-Encoding", "chunked")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         try:
             for i in range(200):
@@ -985,6 +1459,8 @@ class ArenaHandler(BaseHTTPRequestHandler):
     def do_PUT(self):
         srv, path = self.server, self.path_only()
         body = self.read_body()
+        if path.startswith("/api/"):
+            return self.route_not_allowed()
         m = re.fullmatch(r"/storage/upload/(upl-[0-9a-f]+)", path)
         if m and m.group(1) in srv.uploads:
             name, mime, _ = srv.uploads[m.group(1)]
@@ -997,9 +1473,15 @@ class ArenaHandler(BaseHTTPRequestHandler):
             data = json.loads(body or b"{}")
             srv.requests.append({"path": self.path, "headers": dict(self.headers), "raw": body, "body": data,
                                  "status": 200, "client": "tab" if data else "page"})
+            if srv.lost_session:
+                srv.requests[-1]["status"] = 401
+                return self.reply(401, "application/json", b'{"message":"User not found"}')
             if set(data) - {"recaptchaV3Token"}:
                 return self.reply(400, "application/json", b'{"error":"stand-in: this endpoint only regenerates"}')
-            return self.reply(200, "text/plain", b'a0:"regenerated"\nad:{"finishReason":"stop"}\n')
+            with srv.lock:
+                srv.budget_remaining -= 1
+            return self.reply(200, "text/plain", b'a0:"regenerated"\nad:{"finishReason":"stop"}\n',
+                              srv.budget_headers())
         return self.reply(404, "text/plain", b"not found")
 
     def do_OPTIONS(self):

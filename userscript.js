@@ -1,7 +1,7 @@
 // ==UserScript==
 // @name         LMArena Bridge
 // @namespace    https://github.com/lmarena-bridge/lmarena-bridge
-// @version      3.1.0
+// @version      3.2.0
 // @description  Lets the local LMArena Bridge (an OpenAI-compatible API) use this logged-in LMArena tab.
 // @author       LMArena Bridge developers
 // @match        https://lmarena.ai/*
@@ -22,8 +22,44 @@
  * Tab -> bridge: hello, models, status, request_shape, ids_captured, log; per task the events
  * token_ready and upstream_headers, then data chunks and "[DONE]", or one error.
  * Bridge -> tab: tasks, abort, refresh, reconnect, activate_id_capture, deactivate_id_capture,
- * send_models, send_page_source, send_status, keep_token_ready, cleanup_conversation.
+ * send_models, send_page_source, send_status, keep_token_ready, cleanup_conversation, site_rules.
  * The script never retries a failed request itself: the bridge retries with fresh ids.
+ *
+ * Added in 3.2 (older bridges ignore the new keys and commands; this script ignores unknown keys):
+ * A. Model list. The report is {"type": "models", "models": [...], "source": "catalog" | "page" |
+ *    "text/direct"}. First source: GET /nextjs-api/model-catalog (same-origin, the page's cookies,
+ *    the original fetch), answering [{"arena": "<name>", "models": [<row>...]}]: flattened to one
+ *    object per row and arena, the row unmodified plus "arena": <its group's arena> (a model in several
+ *    arenas comes once per arena). A catalog that fails (not 200, not JSON, not a list of groups, no
+ *    rows) costs one console line and the next source is asked: the current page's flight data
+ *    ("initialModels"), then GET /text/direct with RSC: 1 (on the periodic refresh: /text/direct
+ *    before the page). Rows from those two carry no "arena". The status report's models.source
+ *    names the same source.
+ * B. Budget. After each task's fetch: {"request_id", "event": "upstream_headers", "status": <n>,
+ *    "ratelimit": "<raw ratelimit header>", "ratelimit_policy": "<raw ratelimit-policy header>"}, each
+ *    of the two keys only when the answer carries that header, error answers (a 429) included. The
+ *    bridge parses the values ("limit=1800, remaining=12, reset=240"; "1800;w=300").
+ * C. Body knowledge comes from the bridge: a task's payload.request may carry
+ *    "fields": {"token_v3": "<field>", "token_v2": "<field>", "attachments": [[key, ..., "*", ...,
+ *    key], ...], "never_send": ["<key>", ...]}. The tab deep-copies the body, then (1) deletes every
+ *    key named in never_send from every object in the body, at any depth; (2) uploads the data: URL
+ *    attachments (PROTOCOL 2.7) of each list found at an attachments path ("*" = every element of an
+ *    array; a path that is not there is skipped); (3) when recaptcha_action is set, puts the v3 token
+ *    under token_v3, or with recaptcha "v2" the v2 token under token_v2 after deleting token_v3.
+ *    A key missing from "fields", or "fields" missing (a bridge older than 3.2), falls back to
+ *    LEGACY_FIELDS below.
+ * D. Shape rules come from the bridge: {"command": "site_rules", "rules": {"never_copy": [<key>...],
+ *    "never_copy_pattern": "<RegExp source>", "id_keys_pattern": "<RegExp source>", "blank":
+ *    [<key>...], "empty": [<key>...], "blank_within"?: [<key>...]}}, sent after the tab's hello. A
+ *    request_shape report (the page's own create-/post-to-evaluation body) then leaves out, at any
+ *    depth: keys named in never_copy; keys matching never_copy_pattern (case-insensitive); keys
+ *    matching id_keys_pattern (case-sensitive) whose value is a UUID or a list of UUIDs. It sets to ""
+ *    the string values of keys in blank inside the objects named by blank_within (default
+ *    ["userMessage", "messages"], array elements counting as inside their array's key), and to [] the
+ *    array values of keys in empty. Everything else is kept as the page sent it (a new field too).
+ *    A key missing from the rules, rules that are not an object, a pattern that does not compile, or
+ *    no site_rules since this connection opened (an older bridge): LEGACY_FIELDS.site_rules, which
+ *    drop forceLowRecaptchaScore, secrets, tokens, ids and credential-like keys too.
  */
 (function () {
   'use strict';
@@ -31,7 +67,26 @@
   if (window.__lmarenaBridgeLoaded) return; // installed twice: run once
   window.__lmarenaBridgeLoaded = true;
 
-  const VERSION = '3.1.0'; // keep equal to @version above
+  const VERSION = '3.2.0'; // keep equal to @version above
+
+  // FALLBACK ONLY, for bridges older than 3.2: the names of LMArena's body fields that a 3.2 bridge
+  // sends with each task ("fields", protocol C above) and once per connection ("site_rules", D). Do
+  // not add body knowledge anywhere else in this script: it belongs in bridge.py.
+  const LEGACY_FIELDS = Object.freeze({
+    token_v3: 'recaptchaV3Token',
+    token_v2: 'recaptchaV2Token',
+    attachments: [['userMessage', 'experimental_attachments'], ['messages', '*', 'experimental_attachments']],
+    never_send: ['forceLowRecaptchaScore', 'secrets'],
+    site_rules: {
+      never_copy: ['recaptchaV3Token', 'recaptchaV2Token', 'modelAId', 'modelBId', 'forceLowRecaptchaScore',
+        'secrets'],
+      never_copy_pattern: 'token|secret|password|credential|cookie|auth|signature|api_?key',
+      id_keys_pattern: '^(id|.*Id|.*Ids)$',
+      blank: ['content'],
+      blank_within: ['userMessage', 'messages'],
+      empty: ['experimental_attachments'],
+    },
+  });
 
   const CONFIG = {
     // Where the bridge listens. Override without editing: localStorage['lmarena-bridge-url'].
@@ -74,10 +129,12 @@
     // A signed attachment URL without a readable expiry is reused for this long.
     signedUrlDefaultTtlMs: 10 * 60 * 1000,
     signedUrlMarginMs: 60 * 1000,
-    // Model list: the page's own, else fetched from this page as a raw RSC payload; refreshed while
-    // connected.
+    // Model list: the site's catalog, else the page's own, else fetched from this page as a raw RSC
+    // payload; refreshed while connected.
+    modelsCatalogPath: '/nextjs-api/model-catalog',
     modelsPagePath: '/text/direct',
     modelsRefreshMs: 30 * 60 * 1000,
+    modelsFetchTimeoutMs: 15000,
     logPrefix: '[LMArena Bridge]',
   };
 
@@ -112,11 +169,13 @@
     signedUrls: new Map(), // sha256 hex -> {url, until}
     noUploadFlowLogged: false,
     // Models
-    models: { count: 0, source: null }, // the last report sent
+    models: { count: 0, source: null }, // the last report sent: source "catalog", "page" or "text/direct"
     modelsReport: null, // Promise of the report under way
     modelsTimer: null,
     // The page
     loaded: null, // Promise: the page has loaded (or pageLoadWaitMs passed)
+    // Shape rules from the bridge (site_rules), compiled; null: LEGACY_FIELDS.site_rules
+    siteRules: null,
   };
 
   // Our own requests use the original fetch, so they never go through the capture wrapper.
@@ -269,6 +328,7 @@
       state.quickFailures = 0;
       state.blocked = false;
       log('connected to the bridge at', bridgeUrl());
+      state.siteRules = null; // this bridge may be older: legacy rules until it sends its own
       send({ type: 'hello', version: VERSION, url: location.href });
       renderTitle();
       afterHello();
@@ -402,12 +462,55 @@
       case 'cleanup_conversation':
         cleanupConversation(msg.id, msg.action);
         break;
+      case 'site_rules':
+        state.siteRules = compileSiteRules(msg.rules);
+        break;
       default:
         if (msg.command) log('unknown command ignored:', msg.command);
     }
   }
 
   // ---- Tasks: the bridge-built LMArena request, sent from the page ---------------------------
+  // The body's field names (protocol C): the task's own "fields", key by key, else LEGACY_FIELDS.
+  function taskFields(request) {
+    const given = request.fields && typeof request.fields === 'object' && !Array.isArray(request.fields)
+      ? request.fields : {};
+    const isName = (v) => typeof v === 'string' && v.length > 0;
+    const isNames = (v) => Array.isArray(v) && v.every(isName);
+    const pick = (key, ok) => (ok(given[key]) ? given[key] : LEGACY_FIELDS[key]);
+    return {
+      token_v3: pick('token_v3', isName),
+      token_v2: pick('token_v2', isName),
+      attachments: pick('attachments', (v) => Array.isArray(v) && v.every((path) => isNames(path) && path.length)),
+      never_send: pick('never_send', isNames),
+    };
+  }
+
+  // Deletes every key in `names` from every object in `value`, at any depth.
+  function removeKeys(value, names) {
+    if (Array.isArray(value)) {
+      for (const v of value) removeKeys(v, names);
+    } else if (value && typeof value === 'object') {
+      for (const k of Object.keys(value)) {
+        if (names.has(k)) delete value[k];
+        else removeKeys(value[k], names);
+      }
+    }
+  }
+
+  // The arrays found at `path` (keys; "*" = every element of an array); a missing step finds none.
+  function listsAt(node, path, i, out) {
+    if (i === path.length) {
+      if (Array.isArray(node)) out.push(node);
+    } else if (path[i] === '*') {
+      if (Array.isArray(node)) for (const element of node) listsAt(element, path, i + 1, out);
+    } else if (node && typeof node === 'object' && !Array.isArray(node) &&
+        Object.prototype.hasOwnProperty.call(node, path[i])) {
+      listsAt(node[path[i]], path, i + 1, out);
+    }
+    return out;
+  }
+
   function taskError(requestId, error, status, retryAfter) {
     state.lastError = String(error).slice(0, 300);
     const data = { error, status: status || null, retry_after: retryAfter == null ? null : retryAfter };
@@ -426,10 +529,12 @@
       }
       const method = String(request.method || 'POST').toUpperCase();
       const hasBody = method !== 'GET' && method !== 'HEAD';
+      const fields = taskFields(request);
       const body = hasBody ? (deepCopy(request.body) || {}) : null;
       if (body && typeof body === 'object') {
+        removeKeys(body, new Set(fields.never_send)); // before the token goes in
         try {
-          await uploadAttachments(body);
+          await uploadAttachments(body, fields.attachments);
         } catch (e) {
           if (signal.aborted) return;
           taskError(requestId, 'attachment upload failed in the tab: ' + errorText(e), e.status || null);
@@ -442,11 +547,11 @@
         try {
           if (request.rediscover_site_key) forgetSiteKeys(); // the last token was refused
           if (request.recaptcha === 'v2') {
-            delete body.recaptchaV3Token;
-            body.recaptchaV2Token = await mintV2Token();
+            delete body[fields.token_v3];
+            body[fields.token_v2] = await mintV2Token();
           } else {
             const ready = request.rediscover_site_key ? null : await takeReadyToken(action);
-            body.recaptchaV3Token = ready || (await mintV3Token(action));
+            body[fields.token_v3] = ready || (await mintV3Token(action));
           }
           if (request.rediscover_site_key) topUpToken(); // the ready token must use the new key too
         } catch (e) {
@@ -465,7 +570,12 @@
         credentials: 'include',
         signal,
       });
-      send({ request_id: requestId, event: 'upstream_headers', status: response.status });
+      const headersEvent = { request_id: requestId, event: 'upstream_headers', status: response.status };
+      const ratelimit = response.headers.get('ratelimit'); // the site's budget (protocol B): raw values
+      if (ratelimit !== null) headersEvent.ratelimit = ratelimit;
+      const ratelimitPolicy = response.headers.get('ratelimit-policy');
+      if (ratelimitPolicy !== null) headersEvent.ratelimit_policy = ratelimitPolicy;
+      send(headersEvent);
       const type = response.headers.get('content-type') || '';
       const challenged = response.headers.get('cf-mitigated') === 'challenge';
       if (!response.ok || challenged || type.includes('text/html')) {
@@ -854,15 +964,11 @@
     return Date.now() + CONFIG.signedUrlDefaultTtlMs;
   }
 
-  async function uploadAttachments(body) {
+  // The attachment lists at `paths` (the task's fields.attachments): data: URLs are uploaded first.
+  async function uploadAttachments(body, paths) {
     const lists = [];
-    if (body.userMessage && Array.isArray(body.userMessage.experimental_attachments)) {
-      lists.push(body.userMessage.experimental_attachments);
-    }
-    if (Array.isArray(body.messages)) {
-      for (const m of body.messages) {
-        if (m && Array.isArray(m.experimental_attachments)) lists.push(m.experimental_attachments);
-      }
+    for (const path of paths) {
+      for (const list of listsAt(body, path, 0, [])) if (!lists.includes(list)) lists.push(list);
     }
     for (const list of lists) {
       for (let i = 0; i < list.length; i++) {
@@ -951,25 +1057,58 @@
     renderTitle();
   }
 
-  // The page's body with the user's content, ids and tokens taken out; every other field (a new
-  // one the site started to require, too) stays as the page sent it.
-  function requestShape(value, key) {
+  // The bridge's shape rules (site_rules, protocol D), compiled; a key it leaves out (or gets wrong)
+  // is taken from LEGACY_FIELDS.site_rules. Rules that are not an object: null (the legacy rules).
+  function compileSiteRules(rules) {
+    const legacy = LEGACY_FIELDS.site_rules;
+    if (!rules || typeof rules !== 'object' || Array.isArray(rules)) {
+      warn('site_rules without usable rules: using the built-in ones');
+      return null;
+    }
+    const names = (key) => new Set(Array.isArray(rules[key]) && rules[key].every((x) => typeof x === 'string')
+      ? rules[key] : legacy[key]);
+    const pattern = (key, flags) => {
+      const source = typeof rules[key] === 'string' ? rules[key] : legacy[key];
+      if (source === '') return /(?!)/; // no pattern: matches no key
+      try {
+        return new RegExp(source, flags);
+      } catch (e) {
+        warn('site_rules: ' + key + ' is not a valid pattern (' + errorText(e) + '); using the built-in one');
+        return new RegExp(legacy[key], flags);
+      }
+    };
+    return {
+      neverCopy: names('never_copy'),
+      neverCopyRe: pattern('never_copy_pattern', 'i'),
+      idKeysRe: pattern('id_keys_pattern', ''),
+      blank: names('blank'),
+      blankWithin: names('blank_within'),
+      empty: names('empty'),
+    };
+  }
+
+  const LEGACY_RULES = compileSiteRules(LEGACY_FIELDS.site_rules);
+  const isUuid = (x) => typeof x === 'string' && UUID_RE.test(x);
+
+  // The page's body by the shape rules: no token, id, secret or credential-like key, the user's
+  // content blanked, attachments emptied; every other field (a new one the site started to require,
+  // too) stays as the page sent it. `key`: the name of the object or array `value` is the value of
+  // (elements of an array keep their array's name).
+  function requestShape(value, key, rules) {
     if (Array.isArray(value)) {
-      if (key === 'experimental_attachments') return [];
-      return value.map((v) => requestShape(v, key)); // elements of `messages` keep their list's name
+      if (rules.empty.has(key)) return [];
+      return value.map((v) => requestShape(v, key, rules));
     }
     if (!value || typeof value !== 'object') return value;
     const out = {};
     for (const [k, v] of Object.entries(value)) {
-      if (k === 'recaptchaV3Token' || k === 'recaptchaV2Token' || k === 'modelAId' || k === 'modelBId') continue;
-      if ((k === 'id' || k.endsWith('Id')) && typeof v === 'string' && UUID_RE.test(v)) continue;
-      const isUuid = (x) => typeof x === 'string' && UUID_RE.test(x);
-      if (k.endsWith('Ids') && Array.isArray(v) && v.every(isUuid)) continue;
-      if (k === 'content' && (key === 'userMessage' || key === 'messages')) {
+      if (rules.neverCopy.has(k) || rules.neverCopyRe.test(k)) continue;
+      if (rules.idKeysRe.test(k) && (isUuid(v) || (Array.isArray(v) && v.every(isUuid)))) continue;
+      if (rules.blank.has(k) && typeof v === 'string' && rules.blankWithin.has(key)) {
         out[k] = '';
         continue;
       }
-      out[k] = requestShape(v, k);
+      out[k] = requestShape(v, k, rules);
     }
     return out;
   }
@@ -977,7 +1116,7 @@
   function reportShape(endpoint, text) {
     const body = parseJson(text);
     if (!body || typeof body !== 'object' || Array.isArray(body)) return;
-    send({ type: 'request_shape', endpoint, body: requestShape(body, null) });
+    send({ type: 'request_shape', endpoint, body: requestShape(body, null, state.siteRules || LEGACY_RULES) });
   }
 
   function watchPageRequest(input, init) {
@@ -1058,6 +1197,39 @@
     return null;
   }
 
+  // The site's catalog (PROTOCOL 2.8), flattened: each row of each arena group, unmodified, plus
+  // "arena". null (with one console line saying why) when it cannot be used.
+  async function fetchCatalog() {
+    let why;
+    try {
+      const response = await withTimeout(originalFetch.call(window, CONFIG.modelsCatalogPath, {
+        headers: { Accept: 'application/json' },
+        credentials: 'include',
+        cache: 'no-store',
+      }), CONFIG.modelsFetchTimeoutMs, 'the model catalog');
+      const text = await response.text();
+      const catalog = response.status === 200 ? parseJson(text) : undefined;
+      if (response.status !== 200) why = 'answered ' + response.status;
+      else if (catalog === undefined) why = 'is not JSON';
+      else if (!Array.isArray(catalog)) why = 'is not a list of arenas';
+      else {
+        const models = [];
+        for (const group of catalog) {
+          if (!group || typeof group.arena !== 'string' || !Array.isArray(group.models)) continue;
+          for (const row of group.models) {
+            if (row && typeof row === 'object' && !Array.isArray(row)) models.push(Object.assign({}, row, { arena: group.arena }));
+          }
+        }
+        if (models.length) return models;
+        why = 'holds no models';
+      }
+    } catch (e) {
+      why = 'could not be read (' + errorText(e) + ')';
+    }
+    warn('the model catalog ' + CONFIG.modelsCatalogPath + ' ' + why + '; falling back to the page data');
+    return null;
+  }
+
   // Pages without the list (the leaderboard, a conversation) ask the chat page for its RSC payload.
   async function fetchModels() {
     const response = await originalFetch.call(window, CONFIG.modelsPagePath, {
@@ -1074,31 +1246,34 @@
       state.modelsReport = (async () => {
         await pageLoaded();
         if (!state.connected) return;
+        // The catalog first; then this page's data and /text/direct (the refresh prefers the latter:
+        // the loaded page's list only gets older).
+        const sources = opts.preferFetch ? ['catalog', 'text/direct', 'page'] : ['catalog', 'page', 'text/direct'];
         let models = null;
         let source = null;
-        if (!opts.preferFetch) {
-          models = modelsFromFlight(flightChunks().join(''));
-          source = 'page';
-        }
-        if (!models || !models.length) {
-          try {
-            models = await fetchModels();
-            source = 'fetch';
-          } catch (e) {
-            warn('could not fetch the model list', errorText(e));
+        for (const s of sources) {
+          if (s === 'catalog') {
+            models = await fetchCatalog();
+          } else if (s === 'page') {
+            models = modelsFromFlight(flightChunks().join(''));
+          } else {
+            models = await fetchModels().catch((e) => {
+              warn('could not fetch the model list', errorText(e));
+              return null;
+            });
+          }
+          if (models && models.length) {
+            source = s;
+            break;
           }
         }
-        if ((!models || !models.length) && opts.preferFetch) {
-          models = modelsFromFlight(flightChunks().join(''));
-          source = 'page';
-        }
-        if (models && models.length) {
-          if (send({ type: 'models', models })) {
+        if (source) {
+          if (send({ type: 'models', models, source })) {
             state.models = { count: models.length, source };
-            log('sent', models.length, 'models to the bridge (from the ' + source + ')');
+            log('sent', models.length, 'models to the bridge (from ' + source + ')');
           }
         } else {
-          warn('no model list found in this page or in ' + CONFIG.modelsPagePath);
+          warn('no model list found in the catalog, this page or ' + CONFIG.modelsPagePath);
         }
       })().finally(() => { state.modelsReport = null; });
     }
