@@ -121,8 +121,8 @@ from websockets.datastructures import Headers as WsHeaders
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
-VERSION = "3.1.0"
-USERSCRIPT_VERSION = "3.1.0"    # the userscript.js shipped with this bridge
+VERSION = "3.2.0"
+USERSCRIPT_VERSION = "3.2.0"    # the userscript.js shipped with this bridge
 log = logging.getLogger("bridge")
 
 # 1. Constants and limits ==========================================================================
