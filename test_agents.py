@@ -308,13 +308,42 @@ class ParseToolsTests(unittest.TestCase):
 class PromptTests(unittest.TestCase):
 
     def test_prompt_lists_tools_and_format(self):
-        """The prompt lists each tool with compact schema and the exact call format."""
+        """The prompt lists each tool with its arguments one per line and the exact call format."""
         text = tool_prompt(parse_tools(weather_tools()))
-        self.assertIn("## get_weather\nCurrent weather for a city.", text)
-        self.assertIn('{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}', text)
-        self.assertIn('<tool_call>\n{"name": "<function name>", "arguments": {...}}\n</tool_call>', text)
+        self.assertIn("## get_weather\nCurrent weather for a city.\nArguments:\n- city (string, required)\n", text)
+        self.assertIn("## search\nWeb search.\nArguments: none ({}).", text)
+        self.assertIn('<tool_call>\n{"name": "<tool name>", "arguments": {...}}\n</tool_call>', text)
         self.assertIn("several blocks", text)
         self.assertIn("when it helps", text)
+
+    def test_schema_lines_keep_every_fact(self):
+        """Every parameter, type, enum, default, bound and required flag stays, nested objects and
+        arrays indented, $ref resolved; validator noise ($schema, additionalProperties) goes."""
+        schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+                  "additionalProperties": False, "required": ["path", "mode"],
+                  "$defs": {"Pos": {"type": "object", "description": "A place.", "properties": {
+                      "line": {"type": "integer", "minimum": 1}}, "required": ["line"]}},
+                  "properties": {
+                      "path": {"type": "string", "description": "Where\n  to   write."},
+                      "mode": {"type": "string", "enum": ["a", "w"], "default": "w"},
+                      "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+                      "at": {"$ref": "#/$defs/Pos"},
+                      "edits": {"type": "array", "items": {"type": "object", "properties": {
+                          "old": {"type": "string"}, "new": {"type": ["string", "null"]}}, "required": ["old"]}},
+                      "opt": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
+        self.assertEqual(bridge.schema_lines(schema), [
+            "- path (string, required): Where to write.",
+            '- mode (string, required): one of "a", "w"; default "w"',
+            "- tags (array of string): max items 3",
+            "- at (object): A place.",
+            "  - line (integer, required): min 1",
+            "- edits (array of object)",
+            "  - old (string, required)",
+            "  - new (string or null)",
+            "- opt (one of: string | null)"])
+        text = tool_prompt(bridge.tool_spec([bridge.Tool("w", "Write.", schema)], "auto", True))
+        self.assertNotIn("$schema", text)
+        self.assertNotIn("additionalProperties", text)
 
     def test_prompt_choice_wording(self):
         """Required, named and non-parallel choices are spelled out."""
@@ -1070,8 +1099,9 @@ class OpenAIToolsEndToEnd(BridgeCase):
             fn = tool["function"]
             self.assertIn(fn["name"], prompt)
             self.assertIn(fn["description"], prompt)
-            self.assertIn(json.dumps(fn["parameters"], separators=(",", ":")), prompt)
-        self.assertIn('<tool_call>\n{"name": "<function name>", "arguments": {...}}\n</tool_call>', prompt)
+            self.assertIn("\n".join(bridge.schema_lines(fn["parameters"])), prompt)
+        self.assertIn("- city (string, required): City name.", prompt)
+        self.assertIn('<tool_call>\n{"name": "<tool name>", "arguments": {...}}\n</tool_call>', prompt)
         self.assertLess(prompt.index("get_weather"), prompt.index(QUESTION))
 
     # 5
@@ -1263,7 +1293,7 @@ class AnthropicEndToEnd(BridgeCase):
         self.assertEqual(m.stop_reason, "tool_use")
         prompt = prompt_of(self.tab.tasks[-1])
         self.assertIn("<tool_call>", prompt)
-        self.assertIn(json.dumps(WEATHER_SCHEMA, separators=(",", ":")), prompt)
+        self.assertIn("- city (string, required): City name.", prompt)
 
     def test_tool_use_streaming(self):
         """Streaming sends the tool_use block with an input_json_delta; the SDK's final message has the input dict."""
