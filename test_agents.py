@@ -671,7 +671,7 @@ class AnthropicOutputTests(unittest.TestCase):
         """HTTP statuses map to Anthropic error types and the error body shape."""
         want = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                500: "api_error", 502: "api_error", 504: "api_error", 503: "overloaded_error",
+                500: "api_error", 502: "api_error", 504: "api_error", 503: "api_error",
                 529: "overloaded_error", 408: "invalid_request_error", 501: "api_error"}
         for status, kind in want.items():
             self.assertEqual(anthropic_error_type(status), kind, status)
@@ -730,7 +730,7 @@ class AnthropicOutputTests(unittest.TestCase):
     def test_error_and_empty_finish(self):
         """error() renders an error event; finish without blocks has no block stop."""
         events = parse_sse(AnthropicEvents.error(ApiError(503, "no tab", "no_tab_connected")))
-        self.assertEqual(events, [("error", {"type": "error", "error": {"type": "overloaded_error",
+        self.assertEqual(events, [("error", {"type": "error", "error": {"type": "api_error",
                                                                         "message": "no tab"}})])
         ev = AnthropicEvents("m", "m", 1)
         events = parse_sse(ev.start() + ev.finish("end_turn", None, 0))
@@ -1501,21 +1501,25 @@ class AnthropicWithApiKey(BridgeCase):
 @unittest.skipIf(anthropic is None, "the anthropic SDK is not installed (requirements-dev.txt)")
 class AnthropicWithoutTab(BridgeCase):
 
-    def test_no_tab_is_503_overloaded_error(self):
-        """With no tab connected /v1/messages answers 503 with an overloaded_error body, streaming or not."""
-        client = anthropic.Anthropic(base_url=self.h.url, api_key="x", max_retries=0, timeout=20)
+    def test_no_tab_is_503_api_error_not_retried(self):
+        """With no tab connected /v1/messages answers 503 at once, streaming or not, with an api_error
+        (not overloaded_error: nothing is busy) and x-should-retry: false, so the SDK (default
+        retries on) and Claude Code fail at once instead of retrying for minutes."""
+        client = anthropic.Anthropic(base_url=self.h.url, api_key="x", timeout=20)    # SDK retries on
         started = time.monotonic()
         with self.assertRaises(anthropic.APIStatusError) as cm:
             client.messages.create(model="test-model", max_tokens=10, messages=[{"role": "user", "content": "x"}])
-        self.assertLess(time.monotonic() - started, 5)
+        self.assertLess(time.monotonic() - started, 0.4)     # one retry would wait 0.5 s or more
         self.assertEqual(cm.exception.status_code, 503)
+        self.assertEqual(cm.exception.response.headers["x-should-retry"], "false")
         self.assertEqual(cm.exception.body["type"], "error")
-        self.assertEqual(cm.exception.body["error"]["type"], "overloaded_error")
+        self.assertEqual(cm.exception.body["error"]["type"], "api_error")
+        self.assertIn("No LMArena tab", cm.exception.body["error"]["message"])
         status, headers, data = self.post("/v1/messages", {"model": "test-model", "max_tokens": 10, "stream": True,
                                                            "messages": [{"role": "user", "content": "x"}]})
         self.assertEqual(status, 503)
         self.assertTrue(headers["content-type"].startswith("application/json"))
-        self.assertEqual(json.loads(data)["error"]["type"], "overloaded_error")
+        self.assertEqual(json.loads(data)["error"]["type"], "api_error")
 
     def test_count_tokens_needs_no_tab(self):
         """count_tokens answers without any tab connected."""
