@@ -1110,6 +1110,9 @@ SITE_RULES = {"command": "site_rules", "rules": {
     "never_copy": sorted({TOKEN_V3_FIELD, TOKEN_V2_FIELD, "modelAId", "modelBId", *NEVER_SEND}),
     "never_copy_pattern": _CREDENTIAL_KEY.pattern, "id_keys_pattern": _ID_KEY.pattern,
     "blank": ["content"], "empty": ["experimental_attachments"]}}
+# A refusal LMArena gives rate limits and too-long prompts alike ("prompt failed") means the latter
+# for prompts at least this long (TaskPlan.explain).
+LONG_PROMPT_CHARS = 32_000
 # A learned shape is the page's body minus what we set: small and shallow (a tab could send anything).
 SHAPE_MAX_DEPTH, SHAPE_MAX_CHARS = 6, 16384
 
@@ -4383,6 +4386,8 @@ class Job:
         """An attempt failed: the bridge may retry it (before any output), else the job fails."""
         if self.done:
             return
+        if self.plan is not None and not self.output:
+            err = self.plan.explain(err)
         if self.output:
             self.owner.note_upstream_error(self.tab, err, getattr(self.plan, "path", ""))
         elif self.owner.retry_job(self, err):
@@ -4470,7 +4475,7 @@ class TaskPlan:
     attempt failed turns into a new conversation (the whole history folded)."""
 
     __slots__ = ("chat", "cfg", "session", "followup", "new_turns", "learned", "conversation_id", "created",
-                 "path")
+                 "path", "size")
 
     def __init__(self, chat: ChatRequest, cfg: Config, session: SessionChoice | None,
                  followup=None, new_turns: list | None = None, learned: dict | None = None):
@@ -4479,6 +4484,7 @@ class TaskPlan:
         self.conversation_id: str | None = None     # of the current attempt
         self.created = False                        # the current attempt starts a conversation
         self.path = ""                              # LMArena path of the current attempt
+        self.size = 0                               # characters of the prompt it sends
         limit = cfg.max_prompt_chars
         if limit:
             size = len(self.content()[0])
@@ -4486,6 +4492,21 @@ class TaskPlan:
                 raise ApiError(413, f"The prompt is {size} characters; this bridge sends at most {limit} "
                                "(max_prompt_chars). Shorten the conversation or raise the limit.",
                                "prompt_too_long")
+
+    def explain(self, err: ApiError) -> ApiError:
+        """What a refusal means for this request. LMArena answers a very long prompt with 429 "prompt
+        failed" (one source, 2.9), the same words as a rate limit: a long prompt's refusal is reported
+        as prompt_too_long naming its size, and does not make the tab rest."""
+        lower = err.message.lower()
+        long_prompt = self.size >= LONG_PROMPT_CHARS
+        if (err.code == "rate_limited" and "prompt failed" in lower and long_prompt) or (
+                err.code in ("upstream_error", "attachment_too_large") and long_prompt and any(
+                    w in lower for w in ("too long", "context length", "maximum context", "prompt is too"))):
+            return ApiError(413, f"LMArena refused the prompt ({self.size} characters); at that size it is most "
+                            "likely too long for LMArena (it says \"prompt failed\" for too-long prompts and for "
+                            "rate limits alike). Shorten the conversation or the tool list, or set max_prompt_chars "
+                            "to refuse such prompts up front.", "prompt_too_long")
+        return err
 
     def content(self) -> tuple[str, list]:
         """(content, attachments) of the user turn this attempt sends."""
@@ -4510,9 +4531,11 @@ class TaskPlan:
                                                       bypass=cfg.bypass_enabled, is_image=chat.ref.is_image,
                                                       mode=s.mode, target=s.target)
             request = build_retry_request(templates, s.session_id, s.message_id, chat.ref.id, chat.ref.is_image)
+            self.size = sum(len(t["content"]) for t in templates)
             ids = (s.session_id, s.message_id)
         else:
             content, attachments = self.content()
+            self.size = len(content)
             templates = [{"role": "user", "content": content, "attachments": attachments,
                           "participantPosition": "a"}]
             request, self.conversation_id = build_evaluation_request(
