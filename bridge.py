@@ -5880,6 +5880,7 @@ class BrowserLauncher:
     async def stop(self) -> None:
         """Close the browser (and everything it started) and stop minding it."""
         self.stopping = True
+        log.info("browser: closing it")
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -6322,7 +6323,6 @@ async def run_browser(launcher: BrowserLauncher) -> None:
     try:
         await stop.wait()
     finally:
-        log.info("closing the browser")
         await launcher.stop()
 
 

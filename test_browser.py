@@ -256,6 +256,9 @@ class BrowserCommand(unittest.TestCase):
         self.proc.send_signal(signal.SIGINT)
         self.assertEqual(self.proc.wait(20), 0)
         self.assertEqual(browser_pids(self.profile, self.groups), [])
+        self.assertIn("browser: closing it", self.logged())
+        with open(os.path.join(self.profile, "Default", "Preferences"), encoding="utf-8") as f:
+            print(json.load(f).get("profile", {}).get("exit_type"))
 
 
 @unittest.skipIf(CHROMIUM is None, SKIP_REASON)
@@ -319,11 +322,14 @@ class LauncherInProcess(unittest.TestCase):
                          "granted")
         self.assertEqual(self.evaluate("localStorage.getItem('lmarena-bridge-url')"), f"ws://127.0.0.1:{self.h.port}/ws")
         self.assertTrue(self.evaluate("document.title").startswith("✅"))
-        # Only LMArena pages get the userscript: a page elsewhere has none of it.
-        self.h.run(self.launcher.devtools.call("Target.createTarget", {"url": "about:blank"}))
-        wait_until(lambda: len(self.launcher.pages) == 2, 10, "the second page")
-        other = next(p for p in self.launcher.pages.values() if not bridge.url_is_lmarena(p.url))
-        self.assertIsNone(self.evaluate("window.__lmarenaBridgeLoaded", other))
+        # Only LMArena pages get the userscript: a page of another https site (the stand-in's upload
+        # storage, opened in a new tab, prepared like every page) has none of it.
+        self.h.run(self.launcher.devtools.call("Target.createTarget", {"url": "https://blob.example.com/"}))
+        other = lambda: next((p for p in self.launcher.pages.values() if "blob.example.com" in p.url), None)
+        wait_until(lambda: other() and self.evaluate("document.readyState", other()) == "complete", 10,
+                   "the other site's page")
+        self.assertIsNone(self.evaluate("window.__lmarenaBridgeLoaded", other()))
+        self.assertIsNone(self.evaluate("localStorage.getItem('lmarena-bridge-url')", other()))
         health = self.h.bridge.health(True)["browser"]
         self.assertEqual((health["lmarena_pages"], health["page_reloads"], health["running"]), (1, 0, True))
 
