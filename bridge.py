@@ -6304,8 +6304,9 @@ def add_browser_options(p: argparse.ArgumentParser, serving: bool) -> None:
                                         "listens)")
     p.add_argument("--chrome", metavar="PATH", help=f"Chrome, Chromium or Edge to start (default: ${BROWSER_ENV}, "
                                                     "else the first found on the usual paths)")
-    p.add_argument("--profile", metavar="DIR", help=f"the browser's own profile folder (default: {BROWSER_PROFILE_NAME} "
-                                                    "beside the config); your LMArena login is kept there")
+    p.add_argument("--profile", metavar="DIR", help="the browser's own profile folder (default: "
+                                                    f"{BROWSER_PROFILE_NAME} beside the config); your LMArena "
+                                                    "login is kept there")
     p.add_argument("--url", help=f"page to open (default {BROWSER_DEFAULT_URL})")
     p.add_argument("--headless", action="store_true", help="no window (log in once without it first)")
     p.add_argument("--browser-arg", action="append", metavar="ARG",

@@ -257,8 +257,10 @@ class BrowserCommand(unittest.TestCase):
         self.assertEqual(self.proc.wait(20), 0)
         self.assertEqual(browser_pids(self.profile, self.groups), [])
         self.assertIn("browser: closing it", self.logged())
+        # A clean exit, so the profile (the LMArena login) was saved. (Chromium also quits cleanly by
+        # itself when its DevTools pipe closes: even a bridge that died leaves no browser behind.)
         with open(os.path.join(self.profile, "Default", "Preferences"), encoding="utf-8") as f:
-            print(json.load(f).get("profile", {}).get("exit_type"))
+            self.assertEqual(json.load(f)["profile"]["exit_type"], "Normal")
 
 
 @unittest.skipIf(CHROMIUM is None, SKIP_REASON)
@@ -320,7 +322,8 @@ class LauncherInProcess(unittest.TestCase):
         self.assertIs(self.evaluate("navigator.webdriver"), False)
         self.assertEqual(self.evaluate(f"navigator.permissions.query({{name: '{LNA_PERMISSION}'}}).then(s => s.state)"),
                          "granted")
-        self.assertEqual(self.evaluate("localStorage.getItem('lmarena-bridge-url')"), f"ws://127.0.0.1:{self.h.port}/ws")
+        self.assertEqual(self.evaluate("localStorage.getItem('lmarena-bridge-url')"),
+                         f"ws://127.0.0.1:{self.h.port}/ws")
         self.assertTrue(self.evaluate("document.title").startswith("✅"))
         # Only LMArena pages get the userscript: a page of another https site (the stand-in's upload
         # storage, opened in a new tab, prepared like every page) has none of it.
