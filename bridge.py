@@ -14,15 +14,17 @@ Exit codes: 0 done, 1 could not do it (explained in one line), 2 bad usage or br
 
 How a request reaches LMArena (PROTOCOL.md in this repository has the facts and their sources)
     session_mode "create" (default): each request starts a conversation with create-evaluation; a
-    whole OpenAI conversation is folded into one user turn (fold_turns). A client that sends back
+    whole conversation is folded into one user turn (fold_turns). A client that sends back
     our exact answer plus new turns is continued with post-to-evaluation (Conversations); if that
     fails before any output, the same request falls back to a new conversation. "retry": the
     original's captured session, regenerated with a fabricated history (build_retry_request).
-    Tools are described in the prompt and calls read back out of the text (section 8).
+    Every client API is translated into one Conversation first (section "The conversation"); tools
+    are described in the prompt and calls read back out of the text ("Tools in the prompt").
 
 HTTP endpoints (same port as the tab socket)
     POST /v1/chat/completions      OpenAI chat, streaming (SSE) or not, with function calling
     POST /v1/messages              Anthropic Messages API (and /v1/messages/count_tokens)
+    POST /v1/responses             OpenAI Responses API (Codex CLI, Agents SDK); GET /v1/responses/{id}
     POST /v1/images/generations    OpenAI image generation (n tasks in parallel)
     GET  /v1/models, /v1/models/{id}
     GET  /health                   {"status", "version", "tabs", "tasks_in_flight", ...}; details
@@ -62,24 +64,25 @@ Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: b
     1. Constants and limits                            73  names, sizes, the JSON scanners every layer uses
     2. Configuration and the user files               376  Config; UserFiles: read when changed, written by the bridge
     3. Atomic, comment-keeping writes of user files   150  JSONC edits that keep comments, written atomically
-    4. Errors and JSON                                 76  ApiError (what a client sees), field checks, strict JSON
+    4. Errors and JSON                                 88  ApiError (what a client sees), field checks, strict JSON
     5. HTTP/1.1 wire format                           254  pure: request heads, chunked bodies, response heads, SSE
     6. LMArena: requests, models and errors           499  the site's request bodies, model list, refusals, retries
     7. LMArena: the response stream                   497  three stream dialects -> text, reasoning, images, finish
-    8. The conversation                               269  one value for every client API; transcript; fingerprints
-    9. Tools in the prompt, and calls read back       295  tools described for the model; calls and stops in its text
-    10. Replies                                       136  answer events -> a client API's output (base class)
+    8. The conversation                               270  one value for every client API; transcript; fingerprints
+    9. Tools in the prompt, and calls read back       405  tools described for the model; calls and stops in its text
+    10. Replies                                       137  answer events -> a client API's output (base class)
     11. OpenAI chat completions                       398  /v1/chat/completions: request and answer translations
-    12. Anthropic Messages                            471  /v1/messages (and count_tokens): request and answer
-    13. Jobs                                          326  one request's attempts on the tabs; the conversation memory
-    14. The tab link                                  270  one userscript tab over WebSocket (Sans-I/O websockets)
-    15. The tab pool                                  302  picking tabs, assigning and retrying jobs, rests, pings
-    16. HTTP connection driver                        462  asyncio protocol: requests in, answers and streams out
-    17. Diagnosis                                     111  doctor's checks and the status page (pure)
-    18. Routes                                        409  the HTTP API: one method per endpoint
-    19. The bridge                                    332  the server: lifecycle, capture, stats, health, tab reports
-    20. Updates and image downloads                    83  blocking; run in threads or from the command line
-    21. Command line                                  259  serve, doctor, capture, models, update
+    12. Anthropic Messages                            476  /v1/messages (and count_tokens): request and answer
+    13. OpenAI Responses                              487  /v1/responses: input items, output items, the kept responses
+    14. Jobs                                          326  one request's attempts on the tabs; the conversation memory
+    15. The tab link                                  270  one userscript tab over WebSocket (Sans-I/O websockets)
+    16. The tab pool                                  302  picking tabs, assigning and retrying jobs, rests, pings
+    17. HTTP connection driver                        464  asyncio protocol: requests in, answers and streams out
+    18. Diagnosis                                     111  doctor's checks and the status page (pure)
+    19. Routes                                        441  the HTTP API: one method per endpoint
+    20. The bridge                                    332  the server: lifecycle, capture, stats, health, tab reports
+    21. Updates and image downloads                    83  blocking; run in threads or from the command line
+    22. Command line                                  259  serve, doctor, capture, models, update
 """
 from __future__ import annotations
 
@@ -133,7 +136,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_NAME, MODELS_NAME, MAP_NAME = "config.jsonc", "models.json", "model_endpoint_map.json"
 
 
-SHAPE_NAME = "request_shape.json"      # what the tab learned of LMArena's request shape (section 6)
+SHAPE_NAME = "request_shape.json"      # what the tab learned of LMArena's request shape (learned_shape)
 
 
 PROGRAM_FILES = ("bridge.py", "userscript.js", "README.md")  # the only files `update` may replace
@@ -385,7 +388,7 @@ class UserFiles:
     bookkeeping, and an edit still takes effect within a second). A broken edit, or a file that is
     missing for a moment (editors that save by rename-then-write), keeps the last good version.
     What the bridge writes into them (captured ids, the model list, the learned request shape) is
-    written here too, atomically and keeping the user's comments (section 3)."""
+    written here too, atomically and keeping the user's comments (jsonc_update, atomic_write)."""
 
     CHECK_SECONDS = 1.0
 
@@ -728,7 +731,7 @@ def _read_text(path: str) -> str | None:
 
 class ApiError(Exception):
     """An error a client sees. Rendered in one place per API: `body()` (OpenAI's shape) and
-    `anthropic_error_body` (section 7); the status, Retry-After and extra headers go with it."""
+    `anthropic_error_body`; the status, Retry-After and extra headers go with it."""
 
     def __init__(self, status: int, message: str, code: str | None = None,
                  type_: str | None = None, retry_after: int | None = None, close: bool = False,
@@ -747,6 +750,18 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": None}}
+
+    # Server-side errors that trying again soon cannot fix: the user must act first.
+    FINAL_CODES = frozenset(("no_tab_connected", "upstream_schema_changed", "bridge_shutdown"))
+
+    @property
+    def retryable(self) -> bool:
+        """Whether trying again soon can help. When not, answers carry `x-should-retry: false`,
+        which the OpenAI and Anthropic SDKs, Claude Code and Codex honour: they fail at once instead
+        of retrying for seconds to minutes (PROTOCOL section 3)."""
+        if self.code in self.FINAL_CODES:
+            return False
+        return self.status in (408, 409, 429) or self.status >= 500
 
 
 def no_tab_error() -> ApiError:
@@ -1055,8 +1070,8 @@ def sse_event(obj) -> str:
 
 
 # 6. LMArena: requests, models and errors ==========================================================
-#    Everything LMArena-specific lives here and in section 7: when the site changes, these are the
-#    sections to adjust. PROTOCOL.md (in this repository) section 2 has the facts and their sources.
+#    Everything LMArena-specific lives here and in the next section (the response stream): when the
+#    site changes, these are the sections to adjust. PROTOCOL.md (in this repository) section 2 has the facts and their sources.
 
 
 CREATE_PATH = "/nextjs-api/stream/create-evaluation"
@@ -2054,7 +2069,7 @@ class ArenaStreamParser:
 #    OpenAI chat, Anthropic Messages and the Responses API describe the same things: system text, turns
 #    with text and attachments, tools, tool calls and their results, stop strings, streaming or not.
 #    Each API's section is a pair of pure translations: its request -> a Conversation, and the answer's
-#    events -> its own output (a Reply subclass, section 10). Everything that reaches LMArena is made
+#    events -> its own output (a Reply subclass, section "Replies"). Everything that reaches LMArena is made
 #    from the Conversation alone: its transcript (calls and results as text the model can read), folded
 #    into one turn in create mode (fold_turns) or sent as a history in retry mode.
 
@@ -2100,6 +2115,7 @@ class Conversation:
     stream: bool = False
     stop: tuple = ()                    # stop strings, honoured on our side
     include_usage: bool = False         # OpenAI chat streaming: a usage chunk at the end
+    options: object = None              # what one API asks beyond this (ResponsesOptions)
 
 
 def check_turn_count(n: int, cfg: Config, what: str = "messages") -> None:
@@ -2378,25 +2394,124 @@ def tool_spec(tools: list, choice: str, parallel: bool, legacy: bool = False,
 
 # -- Tools in the prompt -----------------------------------------------------------------------
 
+# JSON Schema keywords that only help validators: left out of the description the model reads.
+_SCHEMA_NOISE = frozenset(("$schema", "$id", "additionalProperties", "title", "examples", "$comment",
+                           "strict", "unevaluatedProperties", "propertyNames"))
+SCHEMA_MAX_DEPTH = 8                  # deeper parts of a schema are summarised as "object"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _schema_type(schema: dict, defs: dict, depth: int) -> str:
+    """A schema's type in words: "string", "array of integer", "one of: string | null", ..."""
+    if "$ref" in schema and isinstance(schema["$ref"], str):
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        target = defs.get(name)
+        return _schema_type(target, defs, depth + 1) if isinstance(target, dict) and depth < 3 else name
+    for key in ("anyOf", "oneOf"):
+        options = schema.get(key)
+        if isinstance(options, list) and options:
+            return "one of: " + " | ".join(_schema_type(o, defs, depth + 1) if isinstance(o, dict) else "?"
+                                           for o in options[:8])
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = " or ".join(str(k) for k in kind)
+    elif not isinstance(kind, str):
+        kind = "object" if "properties" in schema else ("any" if "enum" not in schema else "value")
+    if kind == "array" and isinstance(schema.get("items"), dict):
+        kind = "array of " + _schema_type(schema["items"], defs, depth + 1)
+    return kind
+
+
+def _schema_facts(schema: dict) -> str:
+    """Enum values, defaults and bounds, the facts a model needs to fill a value in."""
+    facts = []
+    if isinstance(schema.get("enum"), list):
+        facts.append("one of " + ", ".join(json_text(v) for v in schema["enum"][:40]))
+    if "const" in schema:
+        facts.append("always " + json_text(schema["const"]))
+    if "default" in schema:
+        facts.append("default " + json_text(schema["default"]))
+    for key, word in (("minimum", "min"), ("maximum", "max"), ("minLength", "min length"),
+                      ("maxLength", "max length"), ("minItems", "min items"), ("maxItems", "max items"),
+                      ("pattern", "pattern"), ("format", "format")):
+        if key in schema and not isinstance(schema[key], (dict, list)):
+            facts.append(f"{word} {schema[key]}")
+    return "; ".join(facts)
+
+
+def schema_lines(schema, defs: dict | None = None, indent: str = "", depth: int = 0) -> list[str]:
+    """An object schema as one line per parameter: `- name (type, required): description; facts`,
+    nested objects indented. Every parameter, type, enum and required flag stays; JSON noise goes."""
+    if not isinstance(schema, dict):
+        return []
+    defs = defs if defs is not None else {**(schema.get("$defs") or {}), **(schema.get("definitions") or {})}
+    props = schema.get("properties")
+    if schema.get("type") == "array" and isinstance(schema.get("items"), dict):
+        props = schema["items"].get("properties")
+        schema = schema["items"]
+    if not isinstance(props, dict):
+        return []
+    required = set(schema.get("required") or ()) if isinstance(schema.get("required"), list) else set()
+    out = []
+    for name, sub in props.items():
+        if not isinstance(sub, dict):
+            sub = {}
+        target = sub
+        if isinstance(sub.get("$ref"), str):
+            target = defs.get(sub["$ref"].rsplit("/", 1)[-1], sub)
+        head = f"{indent}- {name} ({_schema_type(sub, defs, 0)}{', required' if name in required else ''})"
+        desc = sub.get("description") or (target.get("description") if target is not sub else None)
+        tail = [_one_line(desc)] if isinstance(desc, str) and desc.strip() else []
+        facts = _schema_facts(target)
+        if facts:
+            tail.append(facts)
+        out.append(head + (": " + "; ".join(tail) if tail else ""))
+        if depth < SCHEMA_MAX_DEPTH and isinstance(target, dict):
+            out += schema_lines(target, defs, indent + "  ", depth + 1)
+    extra = {k for k in schema if k not in _SCHEMA_NOISE and k not in (
+        "type", "properties", "required", "description", "$defs", "definitions", "items")}
+    if depth == 0 and "anyOf" in extra | {k for k in schema if k == "oneOf"}:
+        out.append(f"{indent}(the arguments must match one of several shapes: "
+                   f"{_one_line(json_text({k: schema[k] for k in ('anyOf', 'oneOf') if k in schema}))[:400]})")
+    return out
+
+
 def tool_prompt(spec: ToolSpec) -> str:
-    """Instructions placed before the conversation: the tools, the call format, when to call."""
+    """Instructions placed before the conversation: the tools, the call format, when to call. Each
+    tool's arguments are listed one per line (schema_lines) rather than as JSON Schema: the same
+    facts in about a third of the characters, which the model reads more easily too."""
     lines = ["# Tools", "",
-             "You can call the following tools (functions). Each is listed with its name, what it "
-             "does, and the JSON Schema of its arguments.", ""]
+             "You can call the following tools. Each is listed with its name, what it does, and its "
+             "arguments.", ""]
+    custom = False
     for t in spec.tools:
         lines.append(f"## {t.name}")
         if t.description.strip():
             lines.append(t.description.strip())
-        lines.append("Arguments schema: " + json_text(t.parameters))
+        if t.custom:
+            custom = True
+            lines.append("Input: free-form text (not JSON arguments)" + (
+                ", following this grammar:\n" + t.grammar if t.grammar else "."))
+        else:
+            args = schema_lines(t.parameters)
+            lines += ["Arguments:", *args] if args else ["Arguments: none ({})."]
         lines.append("")
     lines += [
         "# How to call a tool", "",
         "To call a tool, write a block in exactly this format:",
         TOOL_OPEN,
-        '{"name": "<function name>", "arguments": {...}}',
+        '{"name": "<tool name>", "arguments": {...}}',
         TOOL_CLOSE, "",
-        "- Inside the block: one JSON object, nothing else. \"arguments\" is a JSON object that "
-        "follows the tool's arguments schema (use {} when it takes none).",
+        "- Inside the block: one JSON object, nothing else. \"arguments\" is a JSON object with the "
+        "tool's arguments (use {} when it takes none).",
+    ]
+    if custom:
+        lines.append("- A tool with free-form input takes {\"name\": \"<tool name>\", \"input\": \"<the whole "
+                     "input as one JSON string>\"} instead of \"arguments\".")
+    lines += [
         "- Write one block per call." + (
             " To call several tools at once, write several blocks one after another."
             if spec.parallel else
@@ -2436,8 +2551,9 @@ def _strip_fence(s: str) -> str | None:
     return s[:-3].strip() if s.endswith("```") else None
 
 
-def parse_call_block(inner: str, names: frozenset) -> tuple[str, str] | None:
-    """The text between the tags -> (name, arguments as compact JSON text), or None (stays text)."""
+def parse_call_block(inner: str, names: frozenset, custom: frozenset = frozenset()) -> tuple[str, str] | None:
+    """The text between the tags -> (name, arguments as compact JSON text; a custom tool's input
+    text), or None (stays text)."""
     s = inner.strip()
     if s.startswith("```"):
         s = _strip_fence(s)
@@ -2452,6 +2568,12 @@ def parse_call_block(inner: str, names: frozenset) -> tuple[str, str] | None:
     name = obj.get("name")
     if not isinstance(name, str) or name not in names:
         return None
+    if name in custom:                  # free-form input: "input" (or what a model calls it)
+        for key in ("input", "arguments", "parameters"):
+            if key in obj:
+                value = obj[key]
+                return name, value if isinstance(value, str) else json_text(value)
+        return name, ""
     args = {}
     for key in ("arguments", "parameters", "input"):     # models borrow other APIs' spellings
         if key in obj:
@@ -2488,11 +2610,13 @@ class ToolCallReader:
     the caller may stop reading the upstream there.
     """
 
-    __slots__ = ("names", "id_prefix", "parallel", "pending", "in_block", "parts", "tail", "count",
+    __slots__ = ("names", "custom", "id_prefix", "parallel", "pending", "in_block", "parts", "tail", "count",
                  "closed")
 
-    def __init__(self, names: frozenset, id_prefix: str = "call_", *, parallel: bool = True):
+    def __init__(self, names: frozenset, id_prefix: str = "call_", *, parallel: bool = True,
+                 custom: frozenset = frozenset()):
         self.names, self.id_prefix, self.parallel = frozenset(names), id_prefix, parallel
+        self.custom = custom      # names of free-form tools: their calls carry "input" text
         self.pending = ""         # outside a block: at most len(TOOL_OPEN) - 1 held characters
         self.in_block = False
         self.parts: list[str] = []  # inside a block: its text so far, as chunks (no quadratic joins)
@@ -2563,14 +2687,16 @@ class ToolCallReader:
             events.append(("text", s))
 
     def _block(self, events: list, inner: str) -> None:
-        parsed = parse_call_block(inner, self.names)
+        parsed = parse_call_block(inner, self.names, self.custom)
         if parsed is None:
             self._text(events, TOOL_OPEN + inner + TOOL_CLOSE)
             return
         self.count += 1
         if self.parallel or self.count == 1:
-            events.append(("tool_call", {"id": self.new_id(), "name": parsed[0],
-                                         "arguments": parsed[1]}))
+            call = {"id": self.new_id(), "name": parsed[0], "arguments": parsed[1]}
+            if parsed[0] in self.custom:
+                call["custom"] = True
+            events.append(("tool_call", call))
 
 
 class StopSequenceFilter:
@@ -2642,7 +2768,8 @@ class Reply:
 
     def __init__(self, model: str, stream: bool, prompt_chars: int, tools=None, stop=None):
         self.model, self.stream, self.prompt_chars = model, stream, prompt_chars
-        self.reader = ToolCallReader(tools.names, self.id_prefix, parallel=tools.parallel) if tools else None
+        self.reader = ToolCallReader(tools.names, self.id_prefix, parallel=tools.parallel,
+                                     custom=frozenset(t.name for t in tools.tools if t.custom)) if tools else None
         self.stopper = StopSequenceFilter(stop) if stop else None
         self.stop_hit: str | None = None
         self.on_stop = None                     # called once when a stop sequence ends the answer
@@ -3450,13 +3577,18 @@ _ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_err
                           504: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
 
 
-def anthropic_error_type(status: int) -> str:
+def anthropic_error_type(status: int, code: str | None = None) -> str:
+    """Anthropic's error type for a status. overloaded_error means "Anthropic is busy, retry": a 503
+    of ours (no tab, a Cloudflare check) says something else, so it is an api_error (the message
+    tells what happened)."""
+    if status == 503 and code != "overloaded":
+        return "api_error"
     return _ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500
                                       else "api_error")
 
 
 def anthropic_error_body(err: ApiError) -> dict:
-    return {"type": "error", "error": {"type": anthropic_error_type(err.status),
+    return {"type": "error", "error": {"type": anthropic_error_type(err.status, err.code),
                                        "message": err.message}}
 
 
@@ -3619,7 +3751,494 @@ ANTHROPIC_MESSAGES = ClientApi(
     lambda err: anthropic_error_body(err))
 
 
-# 13. Jobs =========================================================================================
+# 13. OpenAI Responses =============================================================================
+#    /v1/responses, the API Codex CLI and the OpenAI Agents SDK speak (PROTOCOL section 3). Input
+#    items become turns like any other API's messages; the answer is a list of output items
+#    (reasoning, a message, function and custom tool calls) or their event stream. Responses the
+#    client lets us keep (`store`, the default) stay in a bounded memory for `previous_response_id`
+#    and `GET /v1/responses/{id}`.
+
+# Tool types that run on OpenAI's side (or are containers this bridge cannot open): never offered
+# to the model, named in a log line, never refused: agents send them whatever the endpoint.
+_HOSTED_TOOLS = frozenset(("web_search", "web_search_preview", "file_search", "computer_use_preview",
+                           "computer_use", "code_interpreter", "image_generation", "mcp", "local_shell",
+                           "namespace", "tool_search", "shell", "apply_patch"))
+# Input item types that only carry what OpenAI's servers did (their own tool runs, references to
+# items kept on OpenAI's side): left out of the transcript with a log line.
+_SERVER_ITEMS = frozenset(("web_search_call", "file_search_call", "computer_call", "computer_call_output",
+                           "code_interpreter_call", "image_generation_call", "mcp_call", "mcp_list_tools",
+                           "mcp_approval_request", "mcp_approval_response", "local_shell_call",
+                           "local_shell_call_output", "item_reference", "tool_search_call",
+                           "tool_search_output", "compaction", "shell_call", "shell_call_output"))
+JSON_FORMAT_NOTE = ("Answer with one valid JSON value and nothing else: no Markdown code fence, no text "
+                    "before or after it.")
+
+
+@dataclasses.dataclass(slots=True)
+class ResponsesOptions:
+    """What a Responses request asks of the answer beyond the conversation."""
+    json_format: str | None = None      # "json_object" | "json_schema" | None (plain text)
+    store: bool = True
+    previous_response_id: str | None = None
+    echo: dict = dataclasses.field(default_factory=dict)   # request fields the response repeats
+    carried: list = dataclasses.field(default_factory=list)  # turns a later response continues from
+
+
+def _responses_text(value, field: str) -> str:
+    """A function call's output: a string, or a list of input_text parts (images are not shown)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n\n".join(p.get("text", "") for p in value
+                           if isinstance(p, dict) and isinstance(p.get("text"), str))
+    raise _bad(f"'{field}' must be a string or a list of content parts.")
+
+
+def responses_turns(items: list, files: Attachments, earlier: list = ()) -> list:
+    """Input items -> turns. An assistant message followed by its function calls is one assistant
+    turn (that is how the bridge answered it, so continuations match); developer is system. Results
+    are named after their calls, here or in the `earlier` turns (of a previous response)."""
+    turns: list[Turn] = []
+    names = {c.id: c.name for t in earlier for c in t.calls}
+    skipped: set = set()
+    for i, item in enumerate(items):
+        field = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(f"'{field}' must be an object (got {_describe(item)}).")
+        kind = item.get("type", "message" if "role" in item else None)
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise _bad(f"'{field}.role' must be \"user\", \"assistant\", \"system\" or \"developer\" "
+                           f"(got {shown(role, 40)}).")
+            text, found = content_to_text(item.get("content"), files, f"{field}.content")
+            turns.append(Turn("system" if role == "developer" else role, text, found))
+        elif kind in ("function_call", "custom_tool_call"):
+            call_id, name = item.get("call_id"), item.get("name")
+            value = item.get("arguments" if kind == "function_call" else "input", "")
+            if not isinstance(call_id, str) or not call_id:
+                raise _bad(f"'{field}.call_id' must be a string.")
+            if not isinstance(name, str) or not name:
+                raise _bad(f"'{field}.name' must be a string.")
+            if not isinstance(value, str):
+                raise _bad(f"'{field}.{'arguments' if kind == 'function_call' else 'input'}' must be a string.")
+            call = Call(call_id, name, value, kind == "custom_tool_call")
+            names[call_id] = name
+            last = turns[-1] if turns else None
+            if last is not None and last.role == "assistant":
+                last.calls = last.calls + (call,)
+            else:
+                turns.append(Turn("assistant", "", [], (call,)))
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise _bad(f"'{field}.call_id' must be a string.")
+            text = _responses_text(item.get("output", ""), f"{field}.output")
+            turns.append(Turn("tool", text, [], call_id=call_id, name=names.get(call_id)))
+        elif kind == "reasoning":
+            continue            # earlier reasoning (and its encrypted content) is not shown again
+        elif isinstance(kind, str) and (kind in _SERVER_ITEMS or kind.endswith("_call")
+                                        or kind.endswith("_call_output")):
+            skipped.add(kind)
+        else:
+            raise _bad(f"'{field}.type' {shown(kind, 40)} is not an input item this bridge knows.")
+    if skipped:
+        log.info("input items of tools that ran elsewhere were left out: %s", shown(", ".join(sorted(skipped))))
+    return turns
+
+
+def responses_tools(data: dict) -> "ToolSpec | None":
+    """function and custom tools -> a ToolSpec; hosted tools (and types unknown here) are left out
+    with a log line."""
+    raw = data.get("tools")
+    offered, skipped = [], []
+    if raw is not None:
+        if not isinstance(raw, list):
+            raise _bad(f"'tools' must be an array of tools (got {_describe(raw)}).")
+        for i, tool in enumerate(raw):
+            field = f"tools[{i}]"
+            if not isinstance(tool, dict):
+                raise _bad(f"'{field}' must be an object (got {_describe(tool)}).")
+            kind = tool.get("type", "function")
+            if kind == "function":
+                offered.append(_function_def(tool, field))
+            elif kind == "custom":
+                name = _check_tool_name(tool.get("name"), f"{field}.name")
+                desc = tool.get("description") or ""
+                if not isinstance(desc, str):
+                    raise _bad(f"'{field}.description' must be a string (got {_describe(desc)}).")
+                fmt = tool.get("format") if isinstance(tool.get("format"), dict) else {}
+                grammar = None
+                if fmt.get("type") == "grammar" and isinstance(fmt.get("definition"), str):
+                    grammar = f"({fmt.get('syntax') or 'grammar'})\n{fmt['definition'].strip()}"
+                offered.append(Tool(name, desc, None, True, grammar))
+            else:
+                skipped.append(str(tool.get("name") or kind))
+    if skipped:
+        log.info("tools that cannot run through LMArena were left out: %s", shown(", ".join(skipped), 200))
+    choice = data.get("tool_choice")
+    if choice is None:
+        choice = "auto"
+    elif isinstance(choice, dict):
+        kind = choice.get("type")
+        if kind in ("function", "custom"):
+            name = choice.get("name")
+            if not isinstance(name, str) or name not in {t.name for t in offered}:
+                raise _bad(f"'tool_choice.name' names {shown(name, 80)}, which is not in 'tools'.")
+            choice = name
+        elif kind == "allowed_tools":
+            choice = "required" if choice.get("mode") == "required" else "auto"
+        else:                            # a hosted tool: it cannot be called here
+            choice = "auto"
+    elif choice not in ("auto", "none", "required"):
+        raise _bad(f"'tool_choice' must be \"auto\", \"none\", \"required\" or an object (got {shown(choice, 40)}).")
+    parallel = data.get("parallel_tool_calls")
+    if parallel is None:
+        parallel = True
+    elif not isinstance(parallel, bool):
+        raise _bad(f"'parallel_tool_calls' must be true or false (got {_describe(parallel)}).")
+    return tool_spec(offered, choice, parallel)
+
+
+def responses_options(data: dict) -> ResponsesOptions:
+    store = data.get("store", True)
+    if store is None:
+        store = True
+    if not isinstance(store, bool):
+        raise _bad(f"'store' must be true or false (got {_describe(store)}).")
+    prev = data.get("previous_response_id")
+    if prev is not None and not isinstance(prev, str):
+        raise _bad(f"'previous_response_id' must be a string (got {_describe(prev)}).")
+    text = data.get("text") if isinstance(data.get("text"), dict) else {}
+    fmt = text.get("format") if isinstance(text.get("format"), dict) else {}
+    kind = fmt.get("type", "text")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise _bad(f"'text.format.type' must be \"text\", \"json_object\" or \"json_schema\" (got {shown(kind, 40)}).")
+    echo = {k: data[k] for k in ("instructions", "max_output_tokens", "metadata", "reasoning", "temperature",
+                                 "top_p", "text", "truncation", "user", "prompt_cache_key") if k in data}
+    return ResponsesOptions(None if kind == "text" else kind, store, prev or None, echo)
+
+
+def responses_conversation(data: dict, cfg: Config, history: list | None = None) -> Conversation:
+    """A /v1/responses request (and the turns of its previous_response_id) -> a Conversation.
+    `instructions` come first (they are not carried over from a previous response, as OpenAI does);
+    a JSON text.format adds an instruction at the end."""
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("'model' is required (a name from GET /v1/models).")
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be true or false.")
+    raw = data.get("input")
+    if isinstance(raw, str):
+        raw = [{"type": "message", "role": "user", "content": raw}]
+    if not isinstance(raw, list) or not (raw or history):
+        raise _bad("'input' must be a string or a non-empty array of input items.")
+    check_turn_count(len(raw) + len(history or ()), cfg, "input items")
+    options = responses_options(data)
+    turns = []
+    instructions = data.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise _bad(f"'instructions' must be a string (got {_describe(instructions)}).")
+        if instructions.strip():
+            turns.append(Turn("system", instructions))
+    start = len(turns)
+    turns += list(history or ())
+    turns += responses_turns(raw, Attachments(cfg.max_attachment_bytes), history or ())
+    options.carried = turns[start:]            # instructions are not carried over (as OpenAI does)
+    if options.json_format:
+        note = JSON_FORMAT_NOTE
+        fmt = data["text"]["format"]
+        if options.json_format == "json_schema" and isinstance(fmt.get("schema"), dict):
+            note += (" It must follow this JSON Schema" + (f" ({fmt['name']})" if isinstance(fmt.get("name"), str)
+                                                           else "") + ":\n" + json_text(fmt["schema"]))
+        turns.append(Turn("system", note))
+    return Conversation(model, turns, responses_tools(data), stream, options=options)
+
+
+def json_answer(text: str) -> str | None:
+    """The answer as JSON text when it parses (a Markdown code fence around it is taken off), else None."""
+    s = text.strip()
+    if s.startswith("```"):
+        s = _strip_fence(s) or ""
+    try:
+        _loads(s)
+    except ValueError:
+        return None
+    return s
+
+
+# -- Answer: output items, or their event stream --------------------------------------------------
+
+def responses_usage(prompt_chars: int, completion_chars: int, upstream, reasoning_chars: int) -> dict:
+    u = usage_object(prompt_chars, completion_chars, upstream)
+    return {"input_tokens": u["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": u["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": estimate_tokens(reasoning_chars)},
+            "total_tokens": u["total_tokens"]}
+
+
+class ResponsesReply(Reply):
+    """The Responses API's answer: a `response` object, or its event stream with a sequence number
+    on every event. Items are opened on demand (reasoning, a message, each call) and closed before
+    the next one starts; a JSON text.format holds the text back until it is checked."""
+
+    id_prefix = "call_"
+
+    def __init__(self, chat: ChatRequest):
+        super().__init__(chat.model, chat.stream, chat.prompt_chars, chat.tools, chat.stop)
+        self.options: ResponsesOptions = chat.conv.options
+        self.rid = "resp_" + secrets.token_hex(24)
+        self.created = int(time.time())
+        self.tools = chat.tools
+        self.seq = 0
+        self.items: list[dict] = []           # output items, done ones complete
+        self.open: dict | None = None         # the item being streamed
+        self.reasoning_chars = 0
+        self.held: list[str] | None = [] if self.options.json_format else None
+        self.on_done = None                   # called with the final response object
+
+    # -- the response object --
+    def response(self, status: str, usage: dict | None = None, error: dict | None = None,
+                 output: list | None = None) -> dict:
+        tools = [] if self.tools is None else [
+            ({"type": "custom", "name": t.name, "description": t.description} if t.custom else
+             {"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters,
+              "strict": False}) for t in self.tools.tools]
+        choice = "auto" if self.tools is None else (
+            self.tools.choice if self.tools.choice in ("auto", "required") else
+            {"type": "function", "name": self.tools.choice})
+        out = {"id": self.rid, "object": "response", "created_at": self.created, "status": status,
+               "error": error, "incomplete_details": None, "instructions": None, "model": self.model,
+               "output": self.items if output is None else output, "parallel_tool_calls":
+               True if self.tools is None else self.tools.parallel,
+               "previous_response_id": self.options.previous_response_id, "store": self.options.store,
+               "tool_choice": choice, "tools": tools, "usage": usage, "metadata": {}, "text":
+               {"format": {"type": self.options.json_format or "text"}}}
+        out.update({k: v for k, v in self.options.echo.items() if k not in ("text",)})
+        if status == "completed":
+            texts = [p["text"] for it in out["output"] if it["type"] == "message" for p in it["content"]]
+            out["output_text"] = "".join(texts)
+        return out
+
+    def event(self, kind: str, **fields) -> str:
+        fields["type"] = kind
+        fields["sequence_number"] = self.seq
+        self.seq += 1
+        return f"event: {kind}\ndata: {json_text(fields)}\n\n"
+
+    def opening(self) -> str:
+        start = self.response("in_progress", output=[])
+        return self.event("response.created", response=start) + self.event("response.in_progress", response=start)
+
+    # -- items --
+    def _close(self) -> str:
+        item, self.open = self.open, None
+        if item is None:
+            return ""
+        i = len(self.items) - 1
+        out = ""
+        if item["type"] == "message":
+            part = item["content"][0]
+            if self.stream:
+                out += self.event("response.output_text.done", item_id=item["id"], output_index=i,
+                                  content_index=0, text=part["text"], logprobs=[])
+                out += self.event("response.content_part.done", item_id=item["id"], output_index=i,
+                                  content_index=0, part=part)
+        elif item["type"] == "reasoning":
+            part = item["summary"][0]
+            if self.stream:
+                out += self.event("response.reasoning_summary_text.done", item_id=item["id"], output_index=i,
+                                  summary_index=0, text=part["text"])
+                out += self.event("response.reasoning_summary_part.done", item_id=item["id"], output_index=i,
+                                  summary_index=0, part=part)
+        item["status"] = "completed"
+        if item["type"] == "reasoning":
+            del item["status"]
+        if self.stream:
+            out += self.event("response.output_item.done", output_index=i, item=item)
+        return out
+
+    def _open(self, item: dict) -> str:
+        out = self._close()
+        self.items.append(item)
+        self.open = item
+        if not self.stream:
+            return out
+        i = len(self.items) - 1
+        added = dict(item, status="in_progress") if item["type"] != "reasoning" else item
+        if item["type"] == "message":
+            added = dict(added, content=[])
+        elif item["type"] == "reasoning":
+            added = dict(added, summary=[])
+        out += self.event("response.output_item.added", output_index=i, item=added)
+        if item["type"] == "message":
+            out += self.event("response.content_part.added", item_id=item["id"], output_index=i, content_index=0,
+                              part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        elif item["type"] == "reasoning":
+            out += self.event("response.reasoning_summary_part.added", item_id=item["id"], output_index=i,
+                              summary_index=0, part={"type": "summary_text", "text": ""})
+        return out
+
+    def _message_text(self, text: str) -> str:
+        out = ""
+        if self.open is None or self.open["type"] != "message":
+            out += self._open({"id": "msg_" + secrets.token_hex(24), "type": "message", "status": "in_progress",
+                               "role": "assistant", "content": [{"type": "output_text", "text": "",
+                                                                 "annotations": [], "logprobs": []}]})
+        part = self.open["content"][0]
+        part["text"] += text
+        if self.stream:
+            out += self.event("response.output_text.delta", item_id=self.open["id"], output_index=len(self.items) - 1,
+                              content_index=0, delta=text, logprobs=[])
+        return out
+
+    def fmt_text(self, text: str, run: list) -> str:
+        if self.held is not None:              # JSON output: checked whole at the end
+            self.held.append(text)
+            return ""
+        return self._message_text(text)
+
+    def fmt_reasoning(self, text: str) -> str:
+        self.reasoning_chars += len(text)
+        out = ""
+        if self.open is None or self.open["type"] != "reasoning":
+            out += self._open({"id": "rs_" + secrets.token_hex(24), "type": "reasoning",
+                               "summary": [{"type": "summary_text", "text": ""}]})
+        self.open["summary"][0]["text"] += text
+        if self.stream:
+            out += self.event("response.reasoning_summary_text.delta", item_id=self.open["id"],
+                              output_index=len(self.items) - 1, summary_index=0, delta=text)
+        return out
+
+    def fmt_call(self, index: int, call: dict) -> str:
+        custom = call.get("custom", False)
+        item = {"id": ("ctc_" if custom else "fc_") + secrets.token_hex(24),
+                "type": "custom_tool_call" if custom else "function_call", "status": "in_progress",
+                "call_id": call["id"], "name": call["name"]}
+        key = "input" if custom else "arguments"
+        item[key] = call["arguments"]
+        out = self._open(dict(item, **{key: ""}) if self.stream else item)
+        if self.stream:
+            i = len(self.items) - 1
+            self.items[i] = item
+            self.open = item
+            prefix = "response.custom_tool_call_input" if custom else "response.function_call_arguments"
+            out += self.event(prefix + ".delta", item_id=item["id"], output_index=i, delta=call["arguments"])
+            out += self.event(prefix + ".done", item_id=item["id"], output_index=i, **{key: call["arguments"]})
+        return out + self._close()
+
+    # -- the end --
+    def _json_check(self) -> tuple[str, dict | None]:
+        """Held JSON text -> (its message events, an error when it does not parse)."""
+        text, self.held = "".join(self.held or ()), None
+        if not text.strip() and self.calls:
+            return "", None
+        checked = json_answer(text)
+        if checked is None:
+            return "", {"code": "invalid_json_output", "message": "The model's answer is not valid JSON "
+                        "(text.format asked for JSON; LMArena's models cannot be forced to it). Try again."}
+        return self._message_text(checked), None
+
+    def _usage(self, job) -> dict:
+        return responses_usage(self.prompt_chars, job.completion_chars, job.usage, self.reasoning_chars)
+
+    def fmt_end(self, job) -> str:
+        if job.error:
+            err = job.error
+            self.finish(None)
+            return (self.event("error", code=err.code, message=err.message, param=None)
+                    + self.event("response.failed", response=self.response(
+                        "failed", error={"code": err.code or "server_error", "message": err.message})))
+        out = ""
+        error = None
+        if self.held is not None:
+            out, error = self._json_check()
+        out += self._close()
+        if error is not None:
+            final = self.response("failed", self._usage(job), error)
+            self.finish(None)
+            return out + self.event("error", code=error["code"], message=error["message"], param=None) + \
+                self.event("response.failed", response=final)
+        final = self.response("completed", self._usage(job))
+        self.finish(final)
+        return out + self.event("response.completed", response=final)
+
+    def body(self, job) -> dict:
+        self._held([])
+        if self.thoughts:
+            self.fmt_reasoning("".join(self.thoughts))
+        text = "".join(self.texts)
+        if self.held is not None:
+            self.held = [text]
+            _, error = self._json_check()
+            if error is not None:
+                self.finish(None)
+                raise ApiError(502, error["message"], error["code"])
+        elif text.strip() or (text and not self.calls):
+            self._message_text(text)
+        self._close()
+        for i, call in enumerate(self.calls):
+            self.fmt_call(i, call)
+        final = self.response("completed", self._usage(job))
+        self.finish(final)
+        return final
+
+    def finish(self, final: dict | None) -> None:
+        if self.on_done is not None:
+            callback, self.on_done = self.on_done, None
+            callback(final)
+
+    def output_turn(self) -> Turn:
+        """This answer as the assistant turn a later request (previous_response_id) continues from."""
+        text = "".join(p["text"] for it in self.items if it["type"] == "message" for p in it["content"])
+        calls = tuple(Call(c["id"], c["name"], c["arguments"], c.get("custom", False)) for c in self.calls)
+        return Turn("assistant", text, [], calls)
+
+
+class ResponseStore:
+    """Responses kept for `previous_response_id` and `GET /v1/responses/{id}`: the most recent
+    `limit`, each with the turns that led to it (its input and its answer); `store: false` keeps
+    nothing. Memory is bounded by count and by the prompt size of each kept conversation."""
+
+    def __init__(self, limit: int = 256, max_chars: int = 8 * 2**20):
+        self.limit, self.max_chars = limit, max_chars
+        self.entries: collections.OrderedDict = collections.OrderedDict()
+
+    def turns(self, response_id: str | None) -> list | None:
+        if response_id is None:
+            return None
+        entry = self.entries.get(response_id)
+        if entry is None:
+            raise ApiError(400, f"Previous response with id {response_id!r} not found (this bridge keeps the "
+                           f"last {self.limit} responses in memory, none after a restart, and none sent with "
+                           "store: false). Send the whole conversation as input instead.",
+                           "previous_response_not_found", "invalid_request_error")
+        self.entries.move_to_end(response_id)
+        return list(entry[1])
+
+    def keep(self, response: dict, turns: list, chars: int) -> None:
+        if chars > self.max_chars:
+            return
+        self.entries[response["id"]] = (response, turns)
+        while len(self.entries) > self.limit:
+            self.entries.popitem(last=False)
+
+    def get(self, response_id: str) -> dict:
+        entry = self.entries.get(response_id)
+        if entry is None:
+            raise ApiError(404, f"No response with id {response_id!r} is kept here (store: false, too old, "
+                           "or the bridge restarted).", "not_found")
+        return entry[0]
+
+
+RESPONSES = ClientApi("responses", responses_conversation, ResponsesReply, ApiError.body)
+
+
+# 14. Jobs =========================================================================================
 
 class JobOwner(typing.Protocol):
     """What a Job tells whoever runs it (the tab pool)."""
@@ -3945,7 +4564,7 @@ class Conversations:
             self.on_evict(entry.id)
 
 
-# 14. The tab link =================================================================================
+# 15. The tab link =================================================================================
 
 class Tab(asyncio.Protocol):
     """One connected userscript tab: a worker that runs tasks concurrently. After the handshake it
@@ -4215,7 +4834,7 @@ def is_loopback(peer) -> bool:
     return ip.is_loopback
 
 
-# 15. The tab pool =================================================================================
+# 16. The tab pool =================================================================================
 
 class PoolOwner(typing.Protocol):
     """What the tab pool leaves to the bridge: the conversation memory, and what tabs report."""
@@ -4517,7 +5136,7 @@ class TabPool:
             self.remove_tab(tab)
 
 
-# 16. HTTP connection driver =======================================================================
+# 17. HTTP connection driver =======================================================================
 
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 
@@ -4882,6 +5501,8 @@ class Connection(asyncio.Protocol):
     async def send_error(self, err: ApiError, req: HttpRequest | None = None, close: bool = False,
                          head_only: bool = False, body: dict | None = None) -> bool:
         extra = [("Retry-After", str(err.retry_after))] if err.retry_after else []
+        if not err.retryable:
+            extra.append(("x-should-retry", "false"))
         extra += err.headers
         return await self.send_json(err.status, body or err.body(), req=req, extra=extra,
                                     close=close or err.close, head_only=head_only)
@@ -4979,7 +5600,7 @@ class StreamWriter:
         return self.conn.keeps_alive(self.req)
 
 
-# 17. Diagnosis ====================================================================================
+# 18. Diagnosis ====================================================================================
 #    One list of checks, from the config to LMArena, read from /health's detailed view; `python
 #    bridge.py doctor` prints it, `GET /` renders it with the tabs and the recent requests.
 
@@ -5090,7 +5711,7 @@ td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left;vertical-a
 </body></html>"""
 
 
-# 18. Routes =======================================================================================
+# 19. Routes =======================================================================================
 #    `Routes` is given what it works with (the user files, the tab pool, the conversation memory,
 #    the capture, the request statistics, the health report) and touches nothing else.
 
@@ -5151,11 +5772,14 @@ class Routes:
         self.host, self.url = "", ""            # where the server listens: see bound()
         self.last_api_request = time.monotonic()
         self.session_counter = itertools.count()  # turns through a model's captured sessions
+        self.responses = ResponseStore()          # kept /v1/responses answers
         self.table = {
             "/v1/chat/completions": {"POST": self.route_chat},
             "/chat/completions": {"POST": self.route_chat},
             "/v1/messages": {"POST": self.route_messages},
             "/v1/messages/count_tokens": {"POST": self.route_count_tokens},
+            "/v1/responses": {"POST": self.route_responses},
+            "/responses": {"POST": self.route_responses},
             "/v1/images/generations": {"POST": self.route_images},
             "/v1/models": {"GET": self.route_models},
             "/models": {"GET": self.route_models},
@@ -5190,6 +5814,8 @@ class Routes:
             route = self.table.get(req.path)
             if route is None and req.path.startswith("/v1/models/"):
                 route = {"GET": self.route_model}
+            elif route is None and req.path.startswith("/v1/responses/"):
+                route = {"GET": self.route_response_get}
             if req.method == "OPTIONS":
                 if route is None and req.target != "*":
                     raise ApiError(404, f"No such endpoint: {req.path}", "not_found")
@@ -5292,8 +5918,11 @@ class Routes:
         self.last_api_request = time.monotonic()
         api = ANTHROPIC_MESSAGES if anthropic else OPENAI_CHAT
         chat = await off_loop(body, chat_from_body, body, self.files, api)
+        return await self.answer(conn, req, chat, api.reply(chat), started)
+
+    async def answer(self, conn: Connection, req: HttpRequest, chat: ChatRequest, reply, started: float) -> bool:
+        """Run a chat request on the tabs and answer it in its API's shape, streamed or whole."""
         job = self.new_job(chat, self.memory)
-        reply = api.reply(chat)
         reply.on_stop = job.stop_early
         self.pool.start_job(job)
         conn.watch(job.on_client_gone)
@@ -5319,6 +5948,30 @@ class Routes:
 
     async def route_messages(self, conn, req, body, started) -> bool:
         return await self.route_chat(conn, req, body, started, anthropic=True)
+
+    # -- /v1/responses --
+    async def route_responses(self, conn, req, body, started) -> bool:
+        self.last_api_request = time.monotonic()
+        data = await off_loop(body, parse_json_body, body)
+        prev = data.get("previous_response_id")
+        history = self.responses.turns(prev) if isinstance(prev, str) and prev else None
+        chat = await off_loop(body, self.responses_chat, data, history)
+        reply = ResponsesReply(chat)
+        options = chat.conv.options
+        if options.store:
+            carried = options.carried
+            reply.on_done = lambda final: final is not None and self.responses.keep(
+                final, carried + [reply.output_turn()], chat.prompt_chars)
+        return await self.answer(conn, req, chat, reply, started)
+
+    def responses_chat(self, data: dict, history: list | None) -> ChatRequest:
+        cfg = self.files.config
+        return prepare(responses_conversation(data, cfg, history), cfg, self.files.models)
+
+    async def route_response_get(self, conn, req, body, started) -> bool:
+        found = self.responses.get(urllib.parse.unquote(req.path[len("/v1/responses/"):]))
+        self.stats.log(req, 200, started)
+        return await conn.send_json(200, found, req=req, head_only=req.method == "HEAD")
 
     async def route_count_tokens(self, conn, req, body, started) -> bool:
         data = await off_loop(body, parse_json_body, body)
@@ -5499,7 +6152,7 @@ class Routes:
         return await conn.send_json(200, result, req=req)
 
 
-# 19. The bridge ===================================================================================
+# 20. The bridge ===================================================================================
 
 class Capture:
     """Arming the tabs for the next Retry click (`python bridge.py capture`) and waiting for it.
@@ -5831,7 +6484,7 @@ class Bridge:
                      manifest["version"], VERSION)
 
 
-# 20. Updates and image downloads ==================================================================
+# 21. Updates and image downloads ==================================================================
 
 def version_tuple(v) -> tuple:
     return tuple(int(x) for x in re.findall(r"\d+", str(v))[:4]) or (0,)
@@ -5914,7 +6567,7 @@ def run_update(files: UserFiles, out=print, target_dir: str = HERE) -> int:
     return 0
 
 
-# 21. Command line =================================================================================
+# 22. Command line =================================================================================
 
 SUBCOMMANDS = ("serve", "capture", "models", "update", "doctor")
 

@@ -308,13 +308,42 @@ class ParseToolsTests(unittest.TestCase):
 class PromptTests(unittest.TestCase):
 
     def test_prompt_lists_tools_and_format(self):
-        """The prompt lists each tool with compact schema and the exact call format."""
+        """The prompt lists each tool with its arguments one per line and the exact call format."""
         text = tool_prompt(parse_tools(weather_tools()))
-        self.assertIn("## get_weather\nCurrent weather for a city.", text)
-        self.assertIn('{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}', text)
-        self.assertIn('<tool_call>\n{"name": "<function name>", "arguments": {...}}\n</tool_call>', text)
+        self.assertIn("## get_weather\nCurrent weather for a city.\nArguments:\n- city (string, required)\n", text)
+        self.assertIn("## search\nWeb search.\nArguments: none ({}).", text)
+        self.assertIn('<tool_call>\n{"name": "<tool name>", "arguments": {...}}\n</tool_call>', text)
         self.assertIn("several blocks", text)
         self.assertIn("when it helps", text)
+
+    def test_schema_lines_keep_every_fact(self):
+        """Every parameter, type, enum, default, bound and required flag stays, nested objects and
+        arrays indented, $ref resolved; validator noise ($schema, additionalProperties) goes."""
+        schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+                  "additionalProperties": False, "required": ["path", "mode"],
+                  "$defs": {"Pos": {"type": "object", "description": "A place.", "properties": {
+                      "line": {"type": "integer", "minimum": 1}}, "required": ["line"]}},
+                  "properties": {
+                      "path": {"type": "string", "description": "Where\n  to   write."},
+                      "mode": {"type": "string", "enum": ["a", "w"], "default": "w"},
+                      "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+                      "at": {"$ref": "#/$defs/Pos"},
+                      "edits": {"type": "array", "items": {"type": "object", "properties": {
+                          "old": {"type": "string"}, "new": {"type": ["string", "null"]}}, "required": ["old"]}},
+                      "opt": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
+        self.assertEqual(bridge.schema_lines(schema), [
+            "- path (string, required): Where to write.",
+            '- mode (string, required): one of "a", "w"; default "w"',
+            "- tags (array of string): max items 3",
+            "- at (object): A place.",
+            "  - line (integer, required): min 1",
+            "- edits (array of object)",
+            "  - old (string, required)",
+            "  - new (string or null)",
+            "- opt (one of: string | null)"])
+        text = tool_prompt(bridge.tool_spec([bridge.Tool("w", "Write.", schema)], "auto", True))
+        self.assertNotIn("$schema", text)
+        self.assertNotIn("additionalProperties", text)
 
     def test_prompt_choice_wording(self):
         """Required, named and non-parallel choices are spelled out."""
@@ -642,7 +671,7 @@ class AnthropicOutputTests(unittest.TestCase):
         """HTTP statuses map to Anthropic error types and the error body shape."""
         want = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                500: "api_error", 502: "api_error", 504: "api_error", 503: "overloaded_error",
+                500: "api_error", 502: "api_error", 504: "api_error", 503: "api_error",
                 529: "overloaded_error", 408: "invalid_request_error", 501: "api_error"}
         for status, kind in want.items():
             self.assertEqual(anthropic_error_type(status), kind, status)
@@ -701,7 +730,7 @@ class AnthropicOutputTests(unittest.TestCase):
     def test_error_and_empty_finish(self):
         """error() renders an error event; finish without blocks has no block stop."""
         events = parse_sse(AnthropicEvents.error(ApiError(503, "no tab", "no_tab_connected")))
-        self.assertEqual(events, [("error", {"type": "error", "error": {"type": "overloaded_error",
+        self.assertEqual(events, [("error", {"type": "error", "error": {"type": "api_error",
                                                                         "message": "no tab"}})])
         ev = AnthropicEvents("m", "m", 1)
         events = parse_sse(ev.start() + ev.finish("end_turn", None, 0))
@@ -1070,8 +1099,9 @@ class OpenAIToolsEndToEnd(BridgeCase):
             fn = tool["function"]
             self.assertIn(fn["name"], prompt)
             self.assertIn(fn["description"], prompt)
-            self.assertIn(json.dumps(fn["parameters"], separators=(",", ":")), prompt)
-        self.assertIn('<tool_call>\n{"name": "<function name>", "arguments": {...}}\n</tool_call>', prompt)
+            self.assertIn("\n".join(bridge.schema_lines(fn["parameters"])), prompt)
+        self.assertIn("- city (string, required): City name.", prompt)
+        self.assertIn('<tool_call>\n{"name": "<tool name>", "arguments": {...}}\n</tool_call>', prompt)
         self.assertLess(prompt.index("get_weather"), prompt.index(QUESTION))
 
     # 5
@@ -1263,7 +1293,7 @@ class AnthropicEndToEnd(BridgeCase):
         self.assertEqual(m.stop_reason, "tool_use")
         prompt = prompt_of(self.tab.tasks[-1])
         self.assertIn("<tool_call>", prompt)
-        self.assertIn(json.dumps(WEATHER_SCHEMA, separators=(",", ":")), prompt)
+        self.assertIn("- city (string, required): City name.", prompt)
 
     def test_tool_use_streaming(self):
         """Streaming sends the tool_use block with an input_json_delta; the SDK's final message has the input dict."""
@@ -1471,21 +1501,25 @@ class AnthropicWithApiKey(BridgeCase):
 @unittest.skipIf(anthropic is None, "the anthropic SDK is not installed (requirements-dev.txt)")
 class AnthropicWithoutTab(BridgeCase):
 
-    def test_no_tab_is_503_overloaded_error(self):
-        """With no tab connected /v1/messages answers 503 with an overloaded_error body, streaming or not."""
-        client = anthropic.Anthropic(base_url=self.h.url, api_key="x", max_retries=0, timeout=20)
+    def test_no_tab_is_503_api_error_not_retried(self):
+        """With no tab connected /v1/messages answers 503 at once, streaming or not, with an api_error
+        (not overloaded_error: nothing is busy) and x-should-retry: false, so the SDK (default
+        retries on) and Claude Code fail at once instead of retrying for minutes."""
+        client = anthropic.Anthropic(base_url=self.h.url, api_key="x", timeout=20)    # SDK retries on
         started = time.monotonic()
         with self.assertRaises(anthropic.APIStatusError) as cm:
             client.messages.create(model="test-model", max_tokens=10, messages=[{"role": "user", "content": "x"}])
-        self.assertLess(time.monotonic() - started, 5)
+        self.assertLess(time.monotonic() - started, 0.4)     # one retry would wait 0.5 s or more
         self.assertEqual(cm.exception.status_code, 503)
+        self.assertEqual(cm.exception.response.headers["x-should-retry"], "false")
         self.assertEqual(cm.exception.body["type"], "error")
-        self.assertEqual(cm.exception.body["error"]["type"], "overloaded_error")
+        self.assertEqual(cm.exception.body["error"]["type"], "api_error")
+        self.assertIn("No LMArena tab", cm.exception.body["error"]["message"])
         status, headers, data = self.post("/v1/messages", {"model": "test-model", "max_tokens": 10, "stream": True,
                                                            "messages": [{"role": "user", "content": "x"}]})
         self.assertEqual(status, 503)
         self.assertTrue(headers["content-type"].startswith("application/json"))
-        self.assertEqual(json.loads(data)["error"]["type"], "overloaded_error")
+        self.assertEqual(json.loads(data)["error"]["type"], "api_error")
 
     def test_count_tokens_needs_no_tab(self):
         """count_tokens answers without any tab connected."""

@@ -1321,6 +1321,20 @@ class ChatEndToEnd(BridgeCase):
         self.assertIn("userscript", cm.exception.message)
         # No Retry-After: SDKs would retry for seconds with no tab to answer (README, Errors).
         self.assertIsNone(cm.exception.response.headers.get("retry-after"))
+        # x-should-retry: false, so an SDK with its default retries fails at once too; the same for a
+        # bad request and a bad key, on every API (Responses included); a 429 may be retried.
+        client = openai.OpenAI(base_url=self.h.url + "/v1", api_key="unused", timeout=20)     # retries on
+        self.addCleanup(client.close)
+        for call in (lambda: client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "x"}]),
+                     lambda: client.responses.create(model="test-model", input="x"),
+                     lambda: client.chat.completions.create(model="test-model", messages=[])):
+            started = time.monotonic()
+            with self.assertRaises(openai.APIStatusError) as cm:
+                call()
+            self.assertLess(time.monotonic() - started, 0.4)     # one retry would wait 0.5 s or more
+            self.assertEqual(cm.exception.response.headers["x-should-retry"], "false")
+        self.assertTrue(bridge.ApiError(429, "x", "rate_limited").retryable)
+        self.assertFalse(bridge.ApiError(401, "x", "invalid_api_key").retryable)
 
     def test_task_payload_is_a_create_evaluation_request(self):
         """With the shipped config the task is a create-evaluation request built as PROTOCOL 2.2 says."""
