@@ -43,6 +43,7 @@ VENVS = os.path.join(HERE, ".venv-agents")
 PYPI_PINS = {"aider": ("aider-chat", "0.86.2"), "openai-agents": ("openai-agents", "0.25.0")}
 MODEL = "bridge-model"          # a name no agent knows: no model-specific behaviour
 KNOWN_MODEL = "gpt-5.5"         # Codex knows it: it then offers apply_patch, a custom (free-form) tool
+CLAUDE_KNOWN_MODEL = "claude-sonnet-4-5"    # Claude Code's other request shape: no system message
 CONTENT = "hi from the bridge"
 SHOUTED = CONTENT.upper()       # what `tr a-z A-Z < hello.txt` prints: appears nowhere but in a result
 OFFLINE_ENV = {                 # Claude Code: no telemetry, no update checks, nothing but our requests
@@ -377,7 +378,8 @@ class RealAgentCase(unittest.TestCase):
         self.keeper = LogKeeper()
         logging.getLogger("bridge").addHandler(self.keeper)
         self.addCleanup(logging.getLogger("bridge").removeHandler, self.keeper)
-        self.h = Harness(config={"log_level": "info"}, models={MODEL: MODEL_UUID, KNOWN_MODEL: MODEL_UUID})
+        self.h = Harness(config={"log_level": "info"}, models={MODEL: MODEL_UUID, KNOWN_MODEL: MODEL_UUID,
+                                                                   CLAUDE_KNOWN_MODEL: MODEL_UUID})
         self.addCleanup(self.h.close)
         self.rec = Recorder(self.h.port)
         self.addCleanup(self.rec.close)
@@ -487,10 +489,10 @@ class RealAgentCase(unittest.TestCase):
 class ClaudeCode(RealAgentCase):
     """Claude Code 2.1.337 (`claude -p`) through POST /v1/messages."""
 
-    def claude(self, prompt, *flags):
+    def claude(self, prompt, *flags, model=MODEL):
         env = self.base_env(ANTHROPIC_BASE_URL=self.rec.url, ANTHROPIC_API_KEY="sk-ant-test-key",
-                            ANTHROPIC_MODEL=MODEL, ANTHROPIC_DEFAULT_OPUS_MODEL=MODEL,
-                            ANTHROPIC_DEFAULT_SONNET_MODEL=MODEL, ANTHROPIC_DEFAULT_HAIKU_MODEL=MODEL,
+                            ANTHROPIC_MODEL=model, ANTHROPIC_DEFAULT_OPUS_MODEL=model,
+                            ANTHROPIC_DEFAULT_SONNET_MODEL=model, ANTHROPIC_DEFAULT_HAIKU_MODEL=model,
                             CLAUDE_CODE_MAX_RETRIES="2")
         return self.agent([os.path.join(NODE_BIN, "claude"), "-p", prompt, "--permission-mode", "acceptEdits",
                            *flags], env)
@@ -512,6 +514,20 @@ class ClaudeCode(RealAgentCase):
             self.assertToolsInPrompt("Write", "Bash", "Read", "Edit", "file_path")
             self.assertContinued(self.tab.tasks)
             self.assertIn("File created successfully", last_result(prompt_of(self.tab.tasks[1]), "Write"))
+
+    def test_write_tool_known_model(self):
+        """The same with a model name Claude Code knows: its other request shape (thinking with a
+        budget, the environment in the first user message, an 87 KB first request)."""
+        final = "Done: the file is written."
+        self.play(FakeModel([self.write_step()], lambda prompt: final))
+        self.claude(f"Create a file hello.txt containing: {CONTENT}", model=CLAUDE_KNOWN_MODEL)
+        with self.explained():
+            self.assertAgentDone(final)
+            self.assertFile("hello.txt", CONTENT)
+            posts = self.assertStreamed("/v1/messages", 2)
+            self.assertEqual(json.loads(posts[0]["body"])["thinking"].get("type"), "enabled")
+            self.assertToolsInPrompt("Write", "Bash", "Read", "Edit", "file_path")
+            self.assertContinued(self.tab.tasks)
 
     def test_write_then_bash(self):
         """Two tool steps: Write, then Bash reading the file back; the final text quotes Bash's output."""
