@@ -511,7 +511,7 @@ class ClaudeCode(RealAgentCase):
             self.assertAgentDone(final)
             self.assertFile("hello.txt", CONTENT)
             self.assertStreamed("/v1/messages", 2)
-            self.assertToolsInPrompt("Write", "Bash", "Read", "Edit", "file_path")
+            self.assertToolsInPrompt("Write", "Bash", "Read", "Edit", "ToolSearch", "file_path")
             self.assertContinued(self.tab.tasks)
             self.assertIn("File created successfully", last_result(prompt_of(self.tab.tasks[1]), "Write"))
 
@@ -526,7 +526,7 @@ class ClaudeCode(RealAgentCase):
             self.assertFile("hello.txt", CONTENT)
             posts = self.assertStreamed("/v1/messages", 2)
             self.assertEqual(json.loads(posts[0]["body"])["thinking"].get("type"), "enabled")
-            self.assertToolsInPrompt("Write", "Bash", "Read", "Edit", "file_path")
+            self.assertToolsInPrompt("Write", "Bash", "Read", "Edit", "ToolSearch", "file_path")
             self.assertContinued(self.tab.tasks)
 
     def test_write_then_bash(self):
@@ -576,7 +576,7 @@ class Codex(RealAgentCase):
             self.assertAgentDone(f"Checked: the file reads {SHOUTED}.")
             self.assertFile("hello.txt", CONTENT)
             self.assertStreamed("/v1/responses", 3)
-            self.assertToolsInPrompt("exec_command", "write_stdin", "cmd")
+            self.assertToolsInPrompt("exec_command", "write_stdin", "request_user_input", "cmd")
             self.assertContinued(self.tab.tasks)
             self.assertIn("exited with code 0", last_result(prompt_of(self.tab.tasks[1]), "exec_command"))
 
