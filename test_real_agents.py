@@ -46,6 +46,7 @@ KNOWN_MODEL = "gpt-5.5"         # Codex knows it: it then offers apply_patch, a 
 CLAUDE_KNOWN_MODEL = "claude-sonnet-4-5"    # Claude Code's other request shape: no system message
 CONTENT = "hi from the bridge"
 SHOUTED = CONTENT.upper()       # what `tr a-z A-Z < hello.txt` prints: appears nowhere but in a result
+THINKING = "The user wants a file. I'll use my tool, then check the result."   # reasoning rows
 OFFLINE_ENV = {                 # Claude Code: no telemetry, no update checks, nothing but our requests
     "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1",
     "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1",
@@ -175,10 +176,10 @@ def last_result(prompt: str, name: str) -> str:
 ODD_SIZES = (1, 6, 2, 13, 3, 9, 4, 17, 5)
 
 
-def odd_rows(text: str) -> list:
+def odd_rows(text: str, thinking: str = "") -> list:
     """The answer as LMArena rows of odd sizes (cutting through tags, JSON and words), a couple of
     short pauses, a finish row and [DONE]: the bridge's stream reader and call parser get real work."""
-    rows, i, n = [], 0, 0
+    rows, i, n = [f"ag:{json.dumps(thinking[k:k + 11])}\n" for k in range(0, len(thinking), 11)], 0, 0
     while i < len(text):
         size = ODD_SIZES[n % len(ODD_SIZES)]
         rows.append(f"a0:{json.dumps(text[i:i + size])}\n")
@@ -195,11 +196,13 @@ class FakeModel:
     text plus a `<tool_call>` block), `marker` a string that is in the prompt once the step's tool
     result came back. For each task the model finds the last step whose marker is in the prompt and
     plays the next one; after the last step it plays `final(prompt)`. This works whether the bridge
-    sent the whole conversation folded into the prompt or continued it with only the new turn."""
+    sent the whole conversation folded into the prompt or continued it with only the new turn.
+    With `thinking`, every answer starts with reasoning rows (`ag:`), as a reasoning model's do."""
 
-    def __init__(self, steps, final):
+    def __init__(self, steps, final, thinking=""):
         self.steps = steps
         self.final = final
+        self.thinking = thinking
         self.answers = []           # (path, step index or "final", answer text), for the report
 
     def __call__(self, msg):
@@ -210,7 +213,7 @@ class FakeModel:
         else:
             text, which = self.steps[done][0], done
         self.answers.append((path_of(msg), which, text))
-        return odd_rows(text)
+        return odd_rows(text, self.thinking)
 
 
 # A recording pass-through between the agent and the bridge =======================================
@@ -535,7 +538,8 @@ class ClaudeCode(RealAgentCase):
                  ("Now let me check it.\n" + call_block("Bash", {"command": "tr a-z A-Z < hello.txt",
                                                                   "description": "Show the file in capitals"}),
                   SHOUTED)]
-        self.play(FakeModel(steps, lambda p: f"Checked: the file reads {last_result(p, 'Bash').strip()}."))
+        self.play(FakeModel(steps, lambda p: f"Checked: the file reads {last_result(p, 'Bash').strip()}.",
+                            thinking=THINKING))
         self.claude(f"Create hello.txt containing: {CONTENT}, then show it in capitals", "--allowedTools", "Bash")
         with self.explained():
             self.assertAgentDone(f"Checked: the file reads {SHOUTED}.")
@@ -570,7 +574,7 @@ class Codex(RealAgentCase):
                  ("Let me check it.\n" + call_block("exec_command", {
                      "cmd": "tr a-z A-Z < hello.txt", "workdir": self.project}),
                   SHOUTED)]
-        self.play(FakeModel(steps, lambda p: f"Checked: the file reads {SHOUTED}."))
+        self.play(FakeModel(steps, lambda p: f"Checked: the file reads {SHOUTED}.", thinking=THINKING))
         self.codex(f"Create hello.txt containing: {CONTENT}, then show it in capitals")
         with self.explained():
             self.assertAgentDone(f"Checked: the file reads {SHOUTED}.")
