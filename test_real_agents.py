@@ -653,27 +653,28 @@ def write_file(path: str, content: str) -> str:
 async def main():
     client = AsyncOpenAI(base_url=base_url, api_key="sk-test-key", max_retries=0, timeout=60)
     out = {}
-    for api in ("responses", "chat"):
-        for streamed in (False, True):
-            key = f"{api}-{'stream' if streamed else 'plain'}"
-            calls.clear()
-            if api == "responses":
-                model = OpenAIResponsesModel(model="bridge-model", openai_client=client)
+    runs = [(api, streamed, False) for api in ("responses", "chat") for streamed in (False, True)]
+    runs.append(("responses", False, True))        # chained with previous_response_id
+    for api, streamed, chained in runs:
+        key = "responses-chained" if chained else f"{api}-{'stream' if streamed else 'plain'}"
+        calls.clear()
+        if api == "responses":
+            model = OpenAIResponsesModel(model="bridge-model", openai_client=client)
+        else:
+            model = OpenAIChatCompletionsModel(model="bridge-model", openai_client=client)
+        agent = Agent(name="writer", instructions="You write files with the write_file tool.",
+                      tools=[write_file], model=model)
+        prompt = f"Create the file {key}.txt containing: hi from the bridge"
+        try:
+            if streamed:
+                run = Runner.run_streamed(agent, prompt)
+                async for _ in run.stream_events():
+                    pass
             else:
-                model = OpenAIChatCompletionsModel(model="bridge-model", openai_client=client)
-            agent = Agent(name="writer", instructions="You write files with the write_file tool.",
-                          tools=[write_file], model=model)
-            prompt = f"Create the file {key}.txt containing: hi from the bridge"
-            try:
-                if streamed:
-                    run = Runner.run_streamed(agent, prompt)
-                    async for _ in run.stream_events():
-                        pass
-                else:
-                    run = await Runner.run(agent, prompt)
-                out[key] = {"final": run.final_output, "calls": list(calls)}
-            except Exception:
-                out[key] = {"error": traceback.format_exc(), "calls": list(calls)}
+                run = await Runner.run(agent, prompt, auto_previous_response_id=chained)
+            out[key] = {"final": run.final_output, "calls": list(calls)}
+        except Exception:
+            out[key] = {"error": traceback.format_exc(), "calls": list(calls)}
     print("RESULT " + json.dumps(out))
 
 
@@ -684,10 +685,11 @@ asyncio.run(main())
 class OpenAIAgentsSDK(RealAgentCase):
     """openai-agents 0.25.0: an agent with a function tool, with OpenAIResponsesModel (POST
     /v1/responses) and OpenAIChatCompletionsModel (POST /v1/chat/completions), each run once plain
-    (Runner.run) and once streamed (Runner.run_streamed)."""
+    (Runner.run) and once streamed (Runner.run_streamed); and once more with the Responses model
+    chaining its turns by previous_response_id (the second request carries only the tool output)."""
 
     needs = "openai-agents"
-    RUNS = ("responses-plain", "responses-stream", "chat-plain", "chat-stream")
+    RUNS = ("responses-plain", "responses-stream", "chat-plain", "chat-stream", "responses-chained")
 
     def test_function_tool_with_responses_and_chat_models(self):
         """Every run calls write_file with the right arguments and ends with the model's final text."""
@@ -719,14 +721,19 @@ class OpenAIAgentsSDK(RealAgentCase):
                     self.assertEqual(got["calls"], [{"path": f"{key}.txt", "content": CONTENT}])
                     self.assertEqual(got["final"], f"Done: wrote {len(CONTENT)} characters to {key}.txt.")
                     self.assertFile(f"{key}.txt", CONTENT)
-            posts = [(x["path"], json.loads(x["body"]).get("stream", False)) for x in self.rec.exchanges()
-                     if x["method"] == "POST"]
-            self.assertEqual(posts, [("/v1/responses", False)] * 2 + [("/v1/responses", True)] * 2
-                             + [("/v1/chat/completions", False)] * 2 + [("/v1/chat/completions", True)] * 2)
-            self.assertTrue(all(x["status"] == 200 for x in self.rec.exchanges()))
-            self.assertEqual(len(self.tab.tasks), 8)
+            posts = [x for x in self.rec.exchanges() if x["method"] == "POST"]
+            bodies = [json.loads(x["body"]) for x in posts]
+            self.assertEqual([(x["path"], b.get("stream", False)) for x, b in zip(posts, bodies)],
+                             [("/v1/responses", False)] * 2 + [("/v1/responses", True)] * 2
+                             + [("/v1/chat/completions", False)] * 2 + [("/v1/chat/completions", True)] * 2
+                             + [("/v1/responses", False)] * 2)
+            self.assertEqual([x["status"] for x in posts], [200] * 10)
+            first_id = json.loads(posts[8]["response"])["id"]
+            self.assertEqual(bodies[9].get("previous_response_id"), first_id)
+            self.assertEqual([i.get("type") for i in bodies[9]["input"]], ["function_call_output"])
+            self.assertEqual(len(self.tab.tasks), 10)
             self.assertToolsInPrompt("write_file", "content")
-            for run in range(4):                  # each run is one conversation of 2 turns
+            for run in range(5):                  # each run is one conversation of 2 turns
                 self.assertContinued(self.tab.tasks[2 * run:2 * run + 2])
 
 
