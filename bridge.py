@@ -81,7 +81,7 @@ Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: b
     15. The tab link                                  302  one userscript tab over WebSocket (Sans-I/O websockets)
     16. The tab pool                                  305  picking tabs, assigning and retrying jobs, rests, pings
     17. HTTP connection driver                        464  asyncio protocol: requests in, answers and streams out
-    18. Diagnosis                                     126  doctor's checks and the status page (pure)
+    18. Diagnosis                                     127  doctor's checks and the status page (pure)
     19. Routes                                        441  the HTTP API: one method per endpoint
     20. The bridge                                    342  the server: lifecycle, capture, stats, health, tab reports
     21. Updates and image downloads                    83  blocking; run in threads or from the command line
@@ -5774,7 +5774,8 @@ def doctor_checks(health: dict) -> list[tuple[bool, str, str, str]]:
     age = None if at is None else time.time() - at
     source = {"catalog": "the site's model catalog", "page": "the page's data",
               "text/direct": "the /text/direct page"}.get(health.get("models_source") or "", "the page")
-    add((models > 0, "models", f"{models} known, list from {source} {_age(age)}",
+    add((models > 0, "models", f"{models} known, " + (f"list from {source} {_age(age)}" if at is not None
+                                                      else "no list reported by a tab yet"),
          "" if models else "open https://arena.ai/text/direct in the tab so it reports the model list"))
     browser = health.get("browser")            # the browser launcher, only when launched
     if browser:
