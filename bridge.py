@@ -89,6 +89,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import codecs
 import collections
 import contextlib
@@ -582,7 +583,7 @@ def shown(value, limit: int = 120) -> str:
 def atomic_write(path: str, content: str | bytes) -> None:
     """Temporary file in the same folder, fsync, rename: a crash leaves the old or the new file."""
     folder = os.path.dirname(os.path.abspath(path))
-    data = content.encode("utf-8") if isinstance(content, str) else content
+    data = wire_bytes(content) if isinstance(content, str) else content   # tab text: lone surrogates too
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -2124,12 +2125,28 @@ def check_turn_count(n: int, cfg: Config, what: str = "messages") -> None:
                        f"({cfg.max_messages}, max_messages).", "request_too_large")
 
 
+MAX_STOPS = 64                    # stop strings in one request (OpenAI takes 4; Anthropic more)
+
+
+MAX_STOP_CHARS = 4096             # all stop strings together, in characters
+
+
+def check_stop_bounds(stops, field: str) -> None:
+    """A clear 400 for more stop strings than the bridge matches (each delta is checked against
+    all of them, on the event loop): MAX_STOPS strings, MAX_STOP_CHARS characters in all."""
+    if len(stops) > MAX_STOPS:
+        raise _bad(f"'{field}' has {len(stops)} strings; this bridge accepts at most {MAX_STOPS}.")
+    if sum(len(s) for s in stops) > MAX_STOP_CHARS:
+        raise _bad(f"'{field}' is longer than this bridge accepts ({MAX_STOP_CHARS} characters in all).")
+
+
 def check_stops(stops, field: str) -> tuple:
-    """Stop strings: a list of strings (empty ones dropped)."""
+    """Stop strings: a list of strings (empty ones dropped), within MAX_STOPS / MAX_STOP_CHARS."""
     if stops is None:
         return ()
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise _bad(f"'{field}' must be a string or a list of strings.")
+    check_stop_bounds(stops, field)
     return tuple(s for s in stops if s)
 
 
@@ -2315,9 +2332,9 @@ def prepare(conv: Conversation, cfg: Config, models: dict) -> ChatRequest:
 
 def chain_digests(head: str, fingerprints: list) -> list[str]:
     """d[i] identifies the first i turns (and the model and tools, in `head`)."""
-    out = [hashlib.sha256(head.encode()).hexdigest()]
+    out = [hashlib.sha256(wire_bytes(head)).hexdigest()]          # client text: lone surrogates too
     for fp in fingerprints:
-        out.append(hashlib.sha256((out[-1] + "\n" + fp).encode()).hexdigest())
+        out.append(hashlib.sha256(wire_bytes(out[-1] + "\n" + fp)).hexdigest())
     return out
 
 
@@ -2706,14 +2723,23 @@ class StopSequenceFilter:
     the start of a stop sequence is held back. "First" means the one whose end comes first (what
     a model stopping token by token would do; ties go to the one starting earlier), which makes
     the result the same however the text is split. After a hit everything else is dropped.
+    All stops are matched in one pass: one regex alternation, shortest first (so at a start the
+    match found ends first), narrowed to earlier ends; the held suffix is looked up in the sorted
+    stops (a proper prefix of a stop sorts right before it), so a delta costs O(its length), not
+    O(stops x length) (MAX_STOPS and MAX_STOP_CHARS bound the rest).
     """
 
-    __slots__ = ("stops", "held", "hit")
+    __slots__ = ("stops", "held", "hit", "_rx", "_sorted", "_firsts", "_longest")
 
     def __init__(self, stops):
-        self.stops = tuple(s for s in (stops or ()) if s)
+        self.stops = tuple(dict.fromkeys(s for s in (stops or ()) if s))
         self.held = ""
         self.hit: str | None = None
+        by_len = sorted(self.stops, key=len)
+        self._rx = re.compile("|".join(re.escape(s) for s in by_len)) if by_len else None
+        self._sorted = sorted(self.stops)
+        self._firsts = frozenset(s[0] for s in self.stops)
+        self._longest = len(by_len[-1]) if by_len else 0
 
     def feed(self, text: str) -> tuple[str, str | None]:
         if self.hit is not None:
@@ -2721,17 +2747,23 @@ class StopSequenceFilter:
         if not self.stops:
             return text, None
         buf = self.held + text
-        best = None                                 # (end, start, stop)
-        for stop in self.stops:
-            at = buf.find(stop)
-            if at >= 0:
-                cand = (at + len(stop), at, stop)
-                if best is None or cand[:2] < best[:2]:
-                    best = cand
+        best = self._rx.search(buf)
         if best is not None:
-            self.hit, self.held = best[2], ""
-            return buf[:best[1]], best[2]
-        keep = max(_held_suffix(buf, stop) for stop in self.stops)
+            while True:                             # a later start may still end earlier
+                m = self._rx.search(buf, best.start() + 1, best.end() - 1)
+                if m is None:
+                    break
+                best = m
+            self.hit, self.held = best.group(), ""
+            return buf[:best.start()], self.hit
+        keep = 0
+        for p in range(max(0, len(buf) - self._longest + 1), len(buf)):
+            if buf[p] in self._firsts:
+                tail = buf[p:]
+                i = bisect.bisect_left(self._sorted, tail)
+                if i < len(self._sorted) and self._sorted[i].startswith(tail):
+                    keep = len(buf) - p
+                    break
         self.held = buf[len(buf) - keep:]
         return buf[:len(buf) - keep], None
 
@@ -3135,6 +3167,8 @@ def openai_conversation(data: dict, cfg: Config) -> Conversation:
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         raise ApiError(400, "'stop' must be a string or a list of non-empty strings.", "invalid_request_error")
+    if stop is not None:
+        check_stop_bounds(stop, "stop")
     tools = parse_tools(data)
     turns = openai_turns(messages, Attachments(cfg.max_attachment_bytes))
     include_usage = bool(isinstance(data.get("stream_options"), dict)
@@ -3553,6 +3587,8 @@ def anthropic_conversation(body, cfg: Config, *, require_max_tokens: bool = True
     stops = body.get("stop_sequences")
     if stops is not None and (not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)):
         raise _bad("stop_sequences: must be an array of strings.")
+    if stops is not None:
+        check_stop_bounds(stops, "stop_sequences")
     return Conversation(model, turns, tools, stream, tuple(s for s in stops or () if s))
 
 
@@ -4509,6 +4545,7 @@ class Conversations:
         id: str
         key: str
         used: float
+        taken: bool = False      # a follow-up is (or was) sent on it: one at a time, never twice
 
     def __init__(self, limit: int = 256, max_age: float = 6 * 3600, on_evict=None):
         self.limit, self.max_age, self.on_evict = limit, max_age, on_evict
@@ -4530,6 +4567,8 @@ class Conversations:
                 continue
             entry = self.by_key.get(digests[k + 1])
             if entry is not None:
+                if entry.taken:      # another request is extending it: this one starts anew
+                    return None
                 if any(t.role != "assistant" for t in turns[k + 1:]):
                     return entry, k + 1
                 return None
@@ -5904,6 +5943,7 @@ class Routes:
             found = memory.find(chat)
             if found is not None:
                 followup, first_new = found
+                followup.taken = True    # until its answer is remembered under a new key (or forgotten)
                 new_turns = transcript(chat.turns[first_new:])
         plan = TaskPlan(chat, cfg, session, followup, new_turns, files.shape)
         job = Job(self.pool, chat.model, plan, session.side if session else "a", cfg.max_answer_chars)
@@ -6011,7 +6051,10 @@ class Routes:
             return False
         tail = first + reply.render(job.take()) + reply.closing(job)
         if not job.error:
-            self.memory.remember(job, reply)
+            try:                 # the stream ends with its terminator whatever remembering it does
+                self.memory.remember(job, reply)
+            except Exception:
+                log.exception("could not remember the conversation of %s", job.id)
         self.stats.log(req, 200, started, job, error=job.error.code if job.error else None)
         return await writer.end(tail)
 
