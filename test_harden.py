@@ -3,14 +3,19 @@
 Real bridges on 127.0.0.1:0 (testsupport.Harness), fake tabs, raw HTTP and the SDKs.
 Run: python -m unittest -v test_harden
 """
+import io
 import json
+import os
 import random
+import socket
+import threading
 import time
+import types
 import unittest
 
 import bridge
 from bridge import StopSequenceFilter
-from testsupport import BridgeCase, lines, chat
+from testsupport import BridgeCase, Harness, lines, chat, non_loopback_ip
 
 
 def tool(name="f", description="A tool."):
@@ -164,6 +169,396 @@ class LoneSurrogateModelName(BridgeCase):
                            ("/v1/messages", anthropic([{"role": "user", "content": "x"}], model="x\ud800"))):
             status, _, raw = self.post(path, body)
             self.assertEqual(status, 200, raw)
+
+
+
+@unittest.skipIf(non_loopback_ip() is None, "this machine has no non-loopback address")
+class StatusPageTrust(unittest.TestCase):
+    """GET / shows tab URLs, last errors and the config path only to this machine or with the key."""
+
+    def test_lan_client_without_key_sees_the_summary_only(self):
+        h = Harness({"api_key": "k"})
+        self.addCleanup(h.close)
+        async def start():
+            b = bridge.Bridge(h.bridge.files, "0.0.0.0", 0)
+            await b.start()
+            return b
+        b = h.run(start())
+        self.addCleanup(lambda: h.run(b.stop(grace=0)))
+        ip = non_loopback_ip()
+
+        def page(key=None):
+            with socket.create_connection((ip, b.port), timeout=5) as s:
+                s.sendall(f"GET / HTTP/1.1\r\nHost: {ip}:{b.port}\r\nAccept: text/html\r\n"
+                          f"{'Authorization: Bearer ' + key + chr(13) + chr(10) if key else ''}"
+                          "Connection: close\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            return data.decode()
+        anonymous = page()
+        self.assertIn("200", anonymous.split("\r\n")[0])
+        self.assertNotIn(h.config_path, anonymous)
+        self.assertNotIn("no LMArena tab is connected", anonymous)
+        self.assertIn("with the API key", anonymous)
+        self.assertIn(h.config_path, page("k"))
+
+
+class OddTabStatus(BridgeCase):
+    """Low: a tab status with wrong types made GET / answer 500 and doctor crash."""
+
+    def test_wrong_types_in_a_status_report(self):
+        tab = self.h.tab()
+        self.h.run(tab.send({"type": "status", "recaptcha": "yes", "actions": ["generateUploadUrl"],
+                             "logged_in": [1]}))
+        self.h.wait(lambda: self.h.bridge.pool.tabs[0].status.get("recaptcha") == "yes")
+        status, _, body = self.get("/", {"Accept": "text/html"})
+        self.assertEqual(status, 200, body[:300])
+        out = []
+        code = bridge.cmd_doctor(types.SimpleNamespace(config=self.h.config_path, bridge=self.h.url, send=None),
+                                 out=out.append)
+        self.assertEqual(code, 1, out)
+        self.assertTrue(any(line.startswith("FAIL tab1 recaptcha") for line in out), out)
+        for odd in ([1, 2], {"tab_details": "x", "config": [], "version": "9"}, {"tab_details": [1, {"status": 3}]}):
+            bridge.doctor_checks(odd)
+
+    def test_last_error_is_a_note_not_an_ok_line(self):
+        self.h.tab()
+        self.h.bridge.pool.tabs[0].last_error = "upstream_error: boom"
+        out = []
+        bridge.cmd_doctor(types.SimpleNamespace(config=self.h.config_path, bridge=self.h.url, send=None),
+                          out=out.append)
+        self.assertIn("note tab1 last error: upstream_error: boom", out)
+        self.assertFalse([line for line in out if line.startswith("ok") and "error" in line], out)
+
+
+class DoctorPlaceholders(BridgeCase):
+    config = {"session_mode": "retry", "session_id": "YOUR_SESSION_ID", "message_id": "YOUR_MESSAGE_ID"}
+
+    def test_retry_mode_with_placeholder_ids_is_a_fail(self):
+        out = []
+        code = bridge.cmd_doctor(types.SimpleNamespace(config=self.h.config_path, bridge=self.h.url, send=None),
+                                 out=out.append)
+        self.assertEqual(code, 1)
+        self.assertTrue(out[0].startswith("FAIL config:") and "placeholders" in out[0], out)
+        self.assertFalse([line for line in out if line.startswith("ok config")], out)
+        checks = bridge.doctor_checks(self.h.bridge.health(True))
+        self.assertEqual(checks[0][:2], (False, "config"))
+
+
+class DoctorAgainstOddServers(unittest.TestCase):
+    """Low: doctor against a non-HTTP server, HTML, odd JSON or a slow server: one line, one deadline."""
+
+    def serve(self, answer, slow=False):
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)
+        self.addCleanup(srv.close)
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def run():
+            while not stop.is_set():
+                try:
+                    c, _ = srv.accept()
+                except OSError:
+                    return
+                with c:
+                    c.settimeout(1)
+                    try:
+                        c.recv(65536)
+                        if slow:
+                            for b in answer:
+                                if stop.wait(1.0):
+                                    return
+                                c.sendall(bytes([b]))
+                        else:
+                            c.sendall(answer)
+                    except OSError:
+                        pass
+        threading.Thread(target=run, daemon=True).start()
+        return f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+    def doctor(self, url):
+        h = Harness()
+        self.addCleanup(h.close)
+        out = []
+        started = time.monotonic()
+        code = bridge.cmd_doctor(types.SimpleNamespace(config=h.config_path, bridge=url, send=None), out=out.append)
+        return code, out, time.monotonic() - started
+
+    def test_odd_servers(self):
+        html = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 13\r\n\r\n<html></html>"
+        odd = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\n\r\n[1, 2, 3]"
+        for answer in (b"SSH-2.0-OpenSSH_9.6\r\n", html, odd):
+            code, out, _ = self.doctor(self.serve(answer))
+            self.assertEqual(code, 1, out)
+            self.assertTrue(out[-1].startswith("FAIL bridge:"), out)
+            self.assertIn("another", out[-1])
+
+    def test_slow_server_meets_one_deadline(self):
+        url = self.serve(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", slow=True)
+        old = bridge.call_bridge.__defaults__
+        bridge.call_bridge.__defaults__ = (None, 2.0)
+        try:
+            code, out, took = self.doctor(url)
+        finally:
+            bridge.call_bridge.__defaults__ = old
+        self.assertEqual(code, 1, out)
+        self.assertLess(took, 5, out)
+        self.assertIn("within 2 s", out[-1])
+
+
+
+class RequestChecks(BridgeCase):
+    """Low items on the request side: name types, deep schemas, message counts, 500s' shape."""
+
+    def test_tool_choice_names_of_wrong_types_are_400(self):
+        self.h.tab()
+        fn = [{"name": "f", "parameters": {"type": "object"}}]
+        for body in (chat("x", tools=[tool()], tool_choice={"type": "function", "function": {"name": ["f"]}}),
+                     chat("x", functions=fn, function_call={"name": {"a": 1}})):
+            status, _, raw = self.post(body=body)
+            self.assertEqual(status, 400, raw)
+            self.assertIn("must be a string", json.loads(raw)["error"]["message"])
+        status, _, raw = self.post("/v1/responses", {"model": "test-model", "input": "x", "tool_choice": {
+            "type": "function", "name": []}, "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]})
+        self.assertEqual(status, 400, raw)
+
+    def test_count_tokens_deep_schema_and_many_messages(self):
+        deep = b'{"a":' * 900 + b'1' + b'}' * 900
+        status, _, raw = self.post("/v1/messages/count_tokens", b'{"model": "test-model", "messages": [{"role": '
+                                   b'"user", "content": "x"}], "tools": [{"name": "f", "input_schema": {"type": '
+                                   b'"object", "properties": ' + deep + b'}}]}')
+        self.assertIn(status, (200, 400), raw)
+        many = b'{"model": "test-model", "messages": [' + b",".join([b'{"role":"user","content":"x"}'] * 6000) + b']}'
+        status, _, raw = self.post("/v1/messages/count_tokens", many)
+        self.assertEqual(status, 413, raw)
+        self.assertIn("max_messages", json.loads(raw)["error"]["message"])
+
+    def test_a_500_on_messages_is_in_anthropics_shape(self):
+        from unittest import mock
+        with mock.patch.object(bridge, "count_input_tokens", side_effect=RuntimeError("a bug")), \
+                self.assertLogs(bridge.log, "ERROR"):
+            status, _, raw = self.post("/v1/messages/count_tokens", anthropic([{"role": "user", "content": "x"}]))
+        self.assertEqual(status, 500, raw)
+        self.assertEqual(json.loads(raw), {"type": "error", "error": {
+            "type": "api_error", "message": "Internal error in the bridge; see its log."}})
+
+
+class UnknownModelInCreateMode(BridgeCase):
+    """A name not in models.json in create mode: 404 model_not_found with suggestions, nothing sent;
+    the log line and the status page's recent requests name it."""
+
+    def test_404_with_did_you_mean_before_anything_is_sent(self):
+        tab = self.h.tab()
+        records = []
+        handler = bridge.logging.Handler()
+        handler.emit = records.append
+        bridge.log.addHandler(handler)
+        self.addCleanup(bridge.log.removeHandler, handler)
+        bridge.set_log_level("info")
+        self.addCleanup(bridge.set_log_level, "error")
+        for path, body in (("/v1/chat/completions", chat("x", model="test-modle")),
+                           ("/v1/messages", anthropic([{"role": "user", "content": "x"}], model="test-modle")),
+                           ("/v1/responses", {"model": "test-modle", "input": "x"})):
+            status, headers, raw = self.post(path, body)
+            self.assertEqual(status, 404, raw)
+            message = json.loads(raw)["error"]["message"]
+            self.assertIn("Did you mean: test-model", message)
+            self.assertEqual(headers.get("x-should-retry"), "false")
+        self.assertEqual(tab.tasks, [])
+        logged = [r.getMessage() for r in records if "status=404" in r.getMessage()]
+        self.assertEqual(len(logged), 3, logged)
+        self.assertTrue(all("model='test-modle'" in m for m in logged), logged)
+        recent = self.h.bridge.health(True)["recent_requests"]
+        self.assertEqual([(r["model"], r["status"], r["error"]) for r in recent[-3:]],
+                         [("test-modle", 404, "model_not_found")] * 3)
+        _, _, page = self.get("/", {"Accept": "text/html"})
+        self.assertIn(b"test-modle", page)
+        # a lone surrogate in the name: a 404 too, not a 500
+        status, _, raw = self.post(body=chat("x", model="x\ud800"))
+        self.assertEqual(status, 404, raw)
+
+
+
+def strict_json(text):
+    """As Node's JSON.parse: NaN, Infinity and -Infinity are not JSON."""
+    def refuse(name):
+        raise ValueError(name)
+    return json.loads(text, parse_constant=refuse)
+
+
+class OutOfRangeNumbers(BridgeCase):
+    """1e400 in a model's tool arguments: the block stays text (as NaN does), never Infinity."""
+
+    def test_1e400_keeps_the_block_as_text(self):
+        block = '<tool_call>{"name": "f", "arguments": {"a": 1e400}}</tool_call>'
+        self.h.tab(lines(block) + ["[DONE]"])
+        status, _, raw = self.post(body=chat("x", tools=[tool()]))
+        self.assertEqual(status, 200, raw)
+        message = strict_json(raw)["choices"][0]["message"]
+        self.assertNotIn("tool_calls", message)
+        self.assertIn("1e400", message["content"])
+        status, _, raw = self.post("/v1/messages", anthropic([{"role": "user", "content": "x"}], tools=[
+            {"name": "f", "input_schema": {"type": "object"}}]))
+        self.assertEqual(status, 200, raw)
+        self.assertEqual([b["type"] for b in strict_json(raw)["content"]], ["text"])
+        status, _, raw = self.post(body=chat("x", tools=[tool()], stream=True))
+        for line in raw.decode().splitlines():
+            if line.startswith("data: {"):
+                strict_json(line[6:])
+        self.assertNotIn(b"Infinity", raw)
+
+
+@unittest.skipIf(non_loopback_ip() is None, "this machine has no non-loopback address")
+class PerPeerConnectionCap(unittest.TestCase):
+    """Sockets from one other machine sending partial heads cannot take every connection: a keyed
+    loopback client and a new tab still get in."""
+
+    def test_one_peer_cannot_take_every_connection(self):
+        h = Harness({"api_key": "k", "max_connections": 40, "max_connections_per_peer": 8})
+        self.addCleanup(h.close)
+
+        async def start():
+            b = bridge.Bridge(h.bridge.files, "0.0.0.0", 0)
+            await b.start()
+            return b
+        b = h.run(start())
+        self.addCleanup(lambda: h.run(b.stop(grace=0)))
+        ip = non_loopback_ip()
+        held = []
+        for _ in range(8):
+            s = socket.create_connection((ip, b.port), timeout=5)
+            self.addCleanup(s.close)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x")     # a head that never ends
+            held.append(s)
+        h.wait(lambda: len(b.connections) >= 8)
+        with socket.create_connection((ip, b.port), timeout=5) as s:
+            s.sendall(f"GET /health HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
+            self.assertIn(b" 503 ", s.recv(65536).split(b"\r\n")[0] + b" ")
+        with socket.create_connection(("127.0.0.1", b.port), timeout=5) as s:
+            s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer k\r\n"
+                      b"Connection: close\r\n\r\n")
+            self.assertTrue(s.recv(65536).startswith(b"HTTP/1.1 200"))
+        import websockets
+
+        async def tab():
+            async with websockets.connect(f"ws://127.0.0.1:{b.port}/ws", origin="https://lmarena.ai"):
+                return True
+        self.assertTrue(h.run(tab()))
+        for s in held:
+            s.close()
+        h.wait(lambda: not b.peer_connections, what="the peer's count back to zero")
+
+
+
+def worst_health_during(h, action):
+    """Run `action` while polling /health from another thread; the slowest /health in seconds."""
+    import http.client
+    stop, worst = threading.Event(), [0.0]
+
+    def poll():
+        while not stop.is_set():
+            started = time.perf_counter()
+            c = http.client.HTTPConnection("127.0.0.1", h.port, timeout=30)
+            c.request("GET", "/health")
+            c.getresponse().read()
+            c.close()
+            worst[0] = max(worst[0], time.perf_counter() - started)
+    t = threading.Thread(target=poll)
+    t.start()
+    try:
+        action()
+    finally:
+        stop.set()
+        t.join(30)
+    return worst[0]
+
+
+class BigTabReports(BridgeCase):
+    """A models report with 20,000 changed ids, and a huge status report, from a tab."""
+
+    def test_jsonc_update_is_linear(self):
+        def cost(n):
+            text = "{\n  // mine\n" + ",\n".join(f'  "m{i}": "old"' for i in range(n)) + "\n}\n"
+            updates = {f"m{i}": "new" for i in range(n)}
+            spans, _ = bridge.top_level_spans(text)
+            started = time.perf_counter()
+            out = bridge.jsonc_update(text, updates)
+            took = time.perf_counter() - started
+            self.assertEqual(out.count('"new"'), n)
+            return took, spans
+        (small, _), (large, _) = cost(1000), cost(32000)
+        self.assertLess(large / small, 55, (small, large))       # 32x the ids: ~32x (quadratic: ~90x here)
+
+    def test_20000_changed_ids_do_not_block_health(self):
+        path = os.path.join(self.h.dir, "models.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({f"model-{i}": f"aaaaaaaa-0000-4000-8000-{i:012d}" for i in range(20000)}, f, indent=2)
+        self.h.bridge.files.refresh()
+        page = [{"id": f"bbbbbbbb-0000-4000-8000-{i:012d}", "publicName": f"model-{i}",
+                 "capabilities": {"outputCapabilities": {"text": True}}} for i in range(20000)]
+        tab = self.h.tab()
+
+        def report():
+            self.h.run(tab.send({"type": "models", "models": page}))
+            self.h.wait(lambda: self.h.bridge.files.models.get("model-19999", "").startswith("bbbbbbbb"),
+                        timeout=30, what="the merge")
+        self.assertLess(worst_health_during(self.h, report), 1.0)
+
+    def test_huge_status_report_is_not_echoed(self):
+        tab = self.h.tab()
+        self.h.run(tab.send({"type": "status", "recaptcha": {"loaded": True}, "junk": "x" * 3_000_000}))
+        self.h.run(tab.send({"type": "status", "recaptcha": {"loaded": True}, "small": 1}))
+        self.h.wait(lambda: self.h.bridge.pool.tabs[0].status.get("small") == 1)
+        self.h.run(tab.send({"type": "status", "recaptcha": {"loaded": True}, "junk": "x" * 3_000_000}))
+        time.sleep(0.2)
+        status, _, body = self.get("/health")
+        self.assertEqual(status, 200)
+        self.assertLess(len(body), 100_000)
+        self.assertEqual(self.h.bridge.pool.tabs[0].status.get("small"), 1)
+
+
+class UnescapedLogLines(BridgeCase):
+    """Image-generation errors and the update manifest's version cannot forge log lines."""
+
+    def records(self):
+        records = []
+        handler = bridge.logging.Handler()
+        handler.emit = records.append
+        bridge.log.addHandler(handler)
+        self.addCleanup(bridge.log.removeHandler, handler)
+        bridge.set_log_level("info")
+        self.addCleanup(bridge.set_log_level, "error")
+        return records
+
+    def test_image_error_is_escaped(self):
+        records = self.records()
+        calls = iter(range(10))
+
+        def script(msg):
+            if next(calls) == 0:
+                return [{"error": "boom\n2099-01-01 INFO FORGED", "status": 400}]
+            return ['a2:[{"type":"image","image":"https://img/x.png","mimeType":"image/png"}]\n', "[DONE]"]
+        self.h.tab(script)
+        status, _, raw = self.post("/v1/images/generations", {"model": "image-model", "prompt": "p", "n": 2})
+        self.assertEqual(status, 200, raw)
+        messages = [r.getMessage() for r in records]
+        self.assertTrue(any("FORGED" in m for m in messages), messages)
+        for m in messages:
+            self.assertNotIn("\n", m)
+
+    def test_manifest_version_is_escaped(self):
+        from testsupport import FileServer
+        records = self.records()
+        srv = FileServer({"/m.json": json.dumps({"version": "99.0\n2099-01-01 INFO FORGED", "files": {}}).encode()})
+        self.addCleanup(srv.close)
+        h = Harness({"enable_auto_update": True, "update_url": srv.url + "/m.json", "log_level": "info"})
+        self.addCleanup(h.close)
+        h.wait(lambda: any("FORGED" in r.getMessage() for r in records), what="the update notice logged")
+        for r in records:
+            self.assertNotIn("\n", r.getMessage())
 
 
 if __name__ == "__main__":
