@@ -561,6 +561,79 @@ class UnescapedLogLines(BridgeCase):
             self.assertNotIn("\n", r.getMessage())
 
 
+
+class MutationsThatSurvived(BridgeCase):
+    """One test per one-line change the sampled mutation run could not catch."""
+
+    def test_origin_that_does_not_parse_is_not_lmarena(self):
+        for origin in ("https://[lmarena.ai", "https://[::1", "http://[x]"):
+            self.assertFalse(bridge.origin_is_lmarena(origin), origin)
+        self.assertTrue(bridge.origin_is_lmarena("https://lmarena.ai"))
+
+    def test_allow_header_of_get_routes_lists_head(self):
+        status, headers, _ = self.post("/health", body=b"{}")
+        self.assertEqual(status, 405)
+        self.assertIn("HEAD", [m.strip() for m in headers["allow"].split(",")])
+
+    def test_tab_names_start_at_tab1(self):
+        self.h.tab()
+        self.h.tab()
+        self.assertEqual([t.name for t in self.h.bridge.pool.tabs], ["tab1", "tab2"])
+
+    def test_learned_shape_is_saved_with_its_age(self):
+        files = self.h.bridge.files
+        files.save_shape("create-evaluation", {"x": 1})
+        with open(files.shape_path, encoding="utf-8") as f:
+            saved = json.load(f)
+        self.assertIsInstance(saved["learned_at"], (int, float))
+        self.assertLess(abs(saved["learned_at"] - time.time()), 60)
+
+    def test_assistant_refusal_part_is_kept_in_the_history(self):
+        tab = self.h.tab()
+        msgs = [{"role": "user", "content": "one"},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I will not say that."}]},
+                {"role": "user", "content": "two"}]
+        status, _, raw = self.post(body=chat(msgs))
+        self.assertEqual(status, 200, raw)
+        self.assertIn("I will not say that.", tab.tasks[-1]["payload"]["request"]["body"]["userMessage"]["content"])
+
+    def test_control_frame_inside_a_fragmented_message(self):
+        """A ping between the fragments of a tab message is not taken as a continuation."""
+        from websockets.frames import Frame, Opcode
+        tab = self.h.tab([("hang",)])
+        got = {}
+
+        def answer(rid):
+            text = json.dumps({"request_id": rid, "data": lines("whole")[0]}).encode()
+            frames = [Frame(Opcode.TEXT, text[:10], fin=False), Frame(Opcode.PING, b"p"),
+                      Frame(Opcode.CONT, text[10:], fin=True),
+                      Frame(Opcode.TEXT, json.dumps({"request_id": rid, "data": "[DONE]"}).encode())]
+            tab.ws.transport.write(b"".join(f.serialize(mask=True) for f in frames))
+
+        def ask():
+            got["r"] = self.post(body=chat("x"))
+        t = threading.Thread(target=ask)
+        t.start()
+        self.h.wait(lambda: tab.tasks, what="the task")
+        self.h.loop.call_soon_threadsafe(answer, tab.tasks[0]["request_id"])
+        t.join(20)
+        status, _, raw = got["r"]
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(json.loads(raw)["choices"][0]["message"]["content"], "whole")
+
+
+class RetryModeHistory(BridgeCase):
+    config = {"session_mode": "retry"}
+
+    def test_fabricated_history_carries_each_turns_content(self):
+        tab = self.h.tab()
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the prompt"}]
+        status, _, raw = self.post(body=chat(msgs))
+        self.assertEqual(status, 200, raw)
+        sent = tab.tasks[-1]["payload"]["request"]["body"]["messages"]
+        self.assertEqual([m.get("content") for m in sent], ["Be brief.", "the prompt"])
+
+
 if __name__ == "__main__":
     unittest.main()
 
