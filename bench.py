@@ -4,6 +4,7 @@
     python bench.py --compare "~/bench-venv/bin/python ../shared/bench/fastapi_relay.py --port {port}"
     python bench.py --equal-load --compare "..."     # both servers at the same offered loads
     python bench.py --preminting                     # reCAPTCHA tokens minted ahead, in Chromium
+    python bench.py --prompt-size                    # real agents' requests -> the prompt LMArena gets
 
 Each server runs with a temporary config and its own fake tab (a separate process, one WebSocket
 message per LMArena line: the worst case); the HTTP load comes from this process. Every answer is
@@ -52,6 +53,10 @@ with token_ready_seconds 0 (the tab mints a token per request), then 600 (one is
 next one ahead). Printed: POST -> the stand-in receiving the LMArena request (median, max) and POST ->
 first token (median). Needs Chromium and Playwright (requirements-dev.txt); skipped, with one line
 saying why, where they are missing (--preminting alone then exits 1).
+
+--prompt-size: the recorded first and tool-result requests of Claude Code and Codex (fixtures/), each
+translated as the bridge does and folded into the one turn create mode sends: request JSON bytes,
+prompt bytes and their ratio (also printed at the end of the default run).
 
 --bridge CMD runs another bridge command ({port}, {config}: a temporary config), e.g. a patched
 copy; --compare may use {config} too (two bridges side by side).
@@ -943,6 +948,36 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs, {model}Python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}"
 
 
+def prompt_sizes() -> list:
+    """(fixture, API, request bytes, prompt characters sent to LMArena, ratio) for the real agents'
+    recorded requests in fixtures/: the first turn of a new conversation, as create mode sends it."""
+    import bridge
+    cfg = bridge.Config()
+    apis = {"responses": bridge.responses_conversation, "anthropic": bridge.anthropic_conversation,
+            "openai": bridge.openai_conversation}
+    out = []
+    for name in sorted(os.listdir(os.path.join(HERE, "fixtures"))):
+        if not name.endswith("_request.json"):
+            continue
+        with open(os.path.join(HERE, "fixtures", name), "rb") as f:
+            raw = f.read()
+        data = json.loads(raw)
+        api = "responses" if "input" in data else "anthropic" if "max_tokens" in data else "openai"
+        chat = bridge.prepare(apis[api](data, cfg), cfg, {})
+        plan = bridge.TaskPlan(chat, cfg, None)
+        content = plan.content()[0]
+        out.append((name[:-len("_request.json")], api, len(raw), len(content.encode()), len(content.encode()) / len(raw)))
+    return out
+
+
+def report_prompt_sizes() -> None:
+    rows = prompt_sizes()
+    print("\nprompt size: real agents' recorded requests (fixtures/) -> the prompt LMArena gets (UTF-8 bytes)")
+    print(f"  {'request':42} {'API':10} {'JSON':>8} {'prompt':>8} {'ratio':>6}")
+    for name, api, raw, prompt, ratio in rows:
+        print(f"  {name:42} {api:10} {raw:8d} {prompt:8d} {ratio:6.2f}")
+
+
 def bridge_config(folder: str, **extra) -> str:
     cfg = os.path.join(folder, "config.jsonc")
     with open(cfg, "w") as f:                 # session_mode "create" (the default): no ids needed
@@ -975,8 +1010,12 @@ def main() -> None:
     p.add_argument("--busy-client", action="store_true", help="the client polls, never sleeps (equal load)")
     p.add_argument("--preminting", action="store_true", help="the reCAPTCHA token pre-minting figure (Chromium)")
     p.add_argument("--preminting-requests", type=int, default=5, help="measured requests per mode (--preminting)")
+    p.add_argument("--prompt-size", action="store_true", help="only the prompt-size figures of the recorded agents")
     p.add_argument("--tab", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.prompt_size:
+        report_prompt_sizes()
+        return
     if args.preminting_requests < 1:
         p.error("--preminting-requests must be at least 1")
     if args.tab:
@@ -994,6 +1033,7 @@ def main() -> None:
             preminting(args.preminting_requests)
         else:
             default_run(servers, args)
+            report_prompt_sizes()
 
 
 if __name__ == "__main__":

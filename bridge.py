@@ -64,25 +64,25 @@ Limits and timeouts (Config fields; config.jsonc keys; defaults)
     ws_ping_timeout_seconds 20, token_ready_seconds 600: see Config
 Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: banners `# N. Title ===`)
     1. Constants and limits                            73  names, sizes, the JSON scanners every layer uses
-    2. Configuration and the user files               377  Config; UserFiles: read when changed, written by the bridge
+    2. Configuration and the user files               378  Config; UserFiles: read when changed, written by the bridge
     3. Atomic, comment-keeping writes of user files   153  JSONC edits that keep comments, written atomically
     4. Errors and JSON                                 96  ApiError (what a client sees), field checks, strict JSON
     5. HTTP/1.1 wire format                           254  pure: request heads, chunked bodies, response heads, SSE
-    6. LMArena: requests, models and errors           505  the site's request bodies, model list, refusals, retries
-    7. LMArena: the response stream                   497  three stream dialects -> text, reasoning, images, finish
+    6. LMArena: requests, models and errors           528  the site's request bodies, model list, refusals, retries
+    7. LMArena: the response stream                   504  three stream dialects -> text, reasoning, images, finish
     8. The conversation                               288  one value for every client API; transcript; fingerprints
     9. Tools in the prompt, and calls read back       420  tools described for the model; calls and stops in its text
     10. Replies                                       137  answer events -> a client API's output (base class)
     11. OpenAI chat completions                       402  /v1/chat/completions: request and answer translations
     12. Anthropic Messages                            478  /v1/messages (and count_tokens): request and answer
     13. OpenAI Responses                              487  /v1/responses: input items, output items, the kept responses
-    14. Jobs                                          329  one request's attempts on the tabs; the conversation memory
-    15. The tab link                                  277  one userscript tab over WebSocket (Sans-I/O websockets)
-    16. The tab pool                                  302  picking tabs, assigning and retrying jobs, rests, pings
+    14. Jobs                                          352  one request's attempts on the tabs; the conversation memory
+    15. The tab link                                  309  one userscript tab over WebSocket (Sans-I/O websockets)
+    16. The tab pool                                  305  picking tabs, assigning and retrying jobs, rests, pings
     17. HTTP connection driver                        483  asyncio protocol: requests in, answers and streams out
-    18. Diagnosis                                     136  doctor's checks and the status page (pure)
+    18. Diagnosis                                     147  doctor's checks and the status page (pure)
     19. Routes                                        465  the HTTP API: one method per endpoint
-    20. The bridge                                    340  the server: lifecycle, capture, stats, health, tab reports
+    20. The bridge                                    348  the server: lifecycle, capture, stats, health, tab reports
     21. Updates and image downloads                    83  blocking; run in threads or from the command line
     22. Command line                                  303  serve, doctor, capture, models, update
 """
@@ -411,6 +411,7 @@ class UserFiles:
         self._stamps: dict = {}
         self._checked = -math.inf               # when refresh() last looked at the files
         self.models_at: float | None = None     # when a tab last reported the model list
+        self.models_source: str | None = None   # where that list came from: catalog, page, text/direct
         self.shape: dict | None = None          # the request shape learned from the page
         self.shape_at: float | None = None
 
@@ -1124,6 +1125,9 @@ SITE_RULES = {"command": "site_rules", "rules": {
     "never_copy": sorted({TOKEN_V3_FIELD, TOKEN_V2_FIELD, "modelAId", "modelBId", *NEVER_SEND}),
     "never_copy_pattern": _CREDENTIAL_KEY.pattern, "id_keys_pattern": _ID_KEY.pattern,
     "blank": ["content"], "empty": ["experimental_attachments"]}}
+# A refusal LMArena gives rate limits and too-long prompts alike ("prompt failed") means the latter
+# for prompts at least this long (TaskPlan.explain).
+LONG_PROMPT_CHARS = 32_000
 # A learned shape is the page's body minus what we set: small and shallow (a tab could send anything).
 SHAPE_MAX_DEPTH, SHAPE_MAX_CHARS = 6, 16384
 
@@ -1510,10 +1514,16 @@ def classify_upstream_error(message, status: int | None = None, retry_after=None
     if status == 429 or "too many requests" in lower or "rate limit" in lower or "prompt failed" in lower:
         return ApiError(429, f"LMArena rate limit reached; try again later. ({short})", "rate_limited",
                         retry_after=retry or 30)
+    if "user not found" in lower:
+        return ApiError(403, "LMArena does not know the tab's user (User not found): the page's login "
+                        "cookies are gone. Log in again in the LMArena tab and reload it.", "session_not_owned")
     if status == 401 or "does not have access to evaluation session" in text or "token has expired" in lower:
         return ApiError(403, "LMArena refused the request: you are logged out, or the session belongs to "
                         "another account. Log in again in the LMArena tab (captured ids: capture them "
                         f"again with `python bridge.py capture`). ({short})", "session_not_owned")
+    if "route not allowed" in lower:
+        return ApiError(502, f"LMArena no longer serves this path ({short}): the site has changed. Update the "
+                        "bridge (python bridge.py update).", "upstream_schema_changed")
     if "recaptcha" in lower or (status == 403 and "captcha" in lower):
         return ApiError(403, "LMArena's reCAPTCHA check failed, also with a fresh token and the fallback "
                         "check. Open the LMArena tab, send one message by hand (solve a check if one is "
@@ -1573,6 +1583,20 @@ def tab_error(data: dict) -> ApiError:
                                    _bounded_int(data.get("retry_after"), 0, 86400))
 
 
+_RATELIMIT_FIELD = re.compile(r"\b(limit|remaining|reset)\s*=\s*(\d{1,9})")
+
+
+def parse_ratelimit(value) -> dict | None:
+    """A `ratelimit: limit=1800, remaining=12, reset=240` header (2.9: the account's budget per
+    5-minute window, on successful answers) -> {"limit", "remaining", "reset"}; None when absent."""
+    if not isinstance(value, str):
+        return None
+    found = dict((k, int(v)) for k, v in _RATELIMIT_FIELD.findall(value[:300]))
+    if "remaining" not in found:
+        return None
+    return {"limit": found.get("limit"), "remaining": found["remaining"], "reset": found.get("reset")}
+
+
 def retry_plan(err: ApiError, followup: bool, attempt: int) -> dict | None:
     """What to change on the next attempt after a failure before any output, or None to give up.
     A follow-up that fails falls back to a new conversation; a refused token is retried once with a
@@ -1612,7 +1636,7 @@ class ArenaStreamParser:
     events. Job.on_tab_data relies on `side` and on `pending` being empty between whole rows."""
 
     __slots__ = ("side", "pending", "decoder", "citations", "tool_args", "finished", "unknown",
-                 "mode", "_head", "_data_head", "_wait", "_urls")
+                 "mode", "_head", "_data_head", "_wait", "_urls", "routed_model")
 
     # Dialects (`mode`); None until the first bytes tell.
     ROWS, TYPED = "rows", "typed"
@@ -1669,6 +1693,7 @@ class ArenaStreamParser:
         self.tool_args: dict[str, str] = {}
         self.finished = False
         self.unknown = 0
+        self.routed_model: str | None = None     # the model a router picked, when it says
 
     def feed(self, chunk) -> list:
         if type(chunk) is not str:
@@ -1932,6 +1957,12 @@ class ArenaStreamParser:
                         url = f"data:{part.get('mimeType') or 'image/png'};base64,{part['data']}"
                     if isinstance(url, str) and url:
                         events.append(("image", url))
+                elif isinstance(part, dict) and part.get("type") == "routed_model":
+                    # A router ("Max") names the model it picked (2.6): logged, never shown as text.
+                    name = part.get("model") or part.get("modelName") or part.get("name")
+                    if isinstance(name, (str, dict)):
+                        self.routed_model = (name if isinstance(name, str) else
+                                             str(name.get("publicName") or name.get("name") or name.get("id")))[:120]
         elif code == "3":
             events.append(("error", classify_upstream_error(value if isinstance(value, str)
                                                             else json.dumps(value))))
@@ -4309,8 +4340,8 @@ class JobOwner(typing.Protocol):
     def retry_job(self, job: "Job", err: ApiError) -> bool:
         """An attempt failed before any output: True when another attempt is under way."""
 
-    def note_upstream_error(self, tab, err: ApiError) -> None:
-        """LMArena refused something on this tab (after output started, or for good)."""
+    def note_upstream_error(self, tab, err: ApiError, path: str = "") -> None:
+        """LMArena refused something on this tab (after output started, or for good) at `path`."""
 
     def job_ended(self, job: "Job") -> None:
         """The job is over (answered, failed, or its client left)."""
@@ -4415,8 +4446,10 @@ class Job:
         """An attempt failed: the bridge may retry it (before any output), else the job fails."""
         if self.done:
             return
+        if self.plan is not None and not self.output:
+            err = self.plan.explain(err)
         if self.output:
-            self.owner.note_upstream_error(self.tab, err)
+            self.owner.note_upstream_error(self.tab, err, getattr(self.plan, "path", ""))
         elif self.owner.retry_job(self, err):
             return
         self.fail(err, tell_tab=False)
@@ -4501,7 +4534,8 @@ class TaskPlan:
     follow-up of a remembered one. Rebuilt with fresh ids for every attempt; a follow-up whose
     attempt failed turns into a new conversation (the whole history folded)."""
 
-    __slots__ = ("chat", "cfg", "session", "followup", "new_turns", "learned", "conversation_id", "created")
+    __slots__ = ("chat", "cfg", "session", "followup", "new_turns", "learned", "conversation_id", "created",
+                 "path", "size")
 
     def __init__(self, chat: ChatRequest, cfg: Config, session: SessionChoice | None,
                  followup=None, new_turns: list | None = None, learned: dict | None = None):
@@ -4509,6 +4543,8 @@ class TaskPlan:
         self.followup, self.new_turns = followup, new_turns
         self.conversation_id: str | None = None     # of the current attempt
         self.created = False                        # the current attempt starts a conversation
+        self.path = ""                              # LMArena path of the current attempt
+        self.size = 0                               # characters of the prompt it sends
         limit = cfg.max_prompt_chars
         if limit:
             size = len(self.content()[0])
@@ -4516,6 +4552,21 @@ class TaskPlan:
                 raise ApiError(413, f"The prompt is {size} characters; this bridge sends at most {limit} "
                                "(max_prompt_chars). Shorten the conversation or raise the limit.",
                                "prompt_too_long")
+
+    def explain(self, err: ApiError) -> ApiError:
+        """What a refusal means for this request. LMArena answers a very long prompt with 429 "prompt
+        failed" (one source, 2.9), the same words as a rate limit: a long prompt's refusal is reported
+        as prompt_too_long naming its size, and does not make the tab rest."""
+        lower = err.message.lower()
+        long_prompt = self.size >= LONG_PROMPT_CHARS
+        if (err.code == "rate_limited" and "prompt failed" in lower and long_prompt) or (
+                err.code in ("upstream_error", "attachment_too_large") and long_prompt and any(
+                    w in lower for w in ("too long", "context length", "maximum context", "prompt is too"))):
+            return ApiError(413, f"LMArena refused the prompt ({self.size} characters); at that size it is most "
+                            "likely too long for LMArena (it says \"prompt failed\" for too-long prompts and for "
+                            "rate limits alike). Shorten the conversation or the tool list, or set max_prompt_chars "
+                            "to refuse such prompts up front.", "prompt_too_long")
+        return err
 
     def content(self) -> tuple[str, list]:
         """(content, attachments) of the user turn this attempt sends."""
@@ -4540,9 +4591,11 @@ class TaskPlan:
                                                       bypass=cfg.bypass_enabled, is_image=chat.ref.is_image,
                                                       mode=s.mode, target=s.target)
             request = build_retry_request(templates, s.session_id, s.message_id, chat.ref.id, chat.ref.is_image)
+            self.size = sum(len(t["content"]) for t in templates)
             ids = (s.session_id, s.message_id)
         else:
             content, attachments = self.content()
+            self.size = len(content)
             templates = [{"role": "user", "content": content, "attachments": attachments,
                           "participantPosition": "a"}]
             request, self.conversation_id = build_evaluation_request(
@@ -4553,6 +4606,7 @@ class TaskPlan:
             if flags.get(flag):
                 request[flag] = flags[flag]
         request["fields"] = TASK_FIELDS
+        self.path = request["path"]
         payload = {"message_templates": templates, "target_model_id": chat.ref.id, "session_id": ids[0],
                    "message_id": ids[1], "is_image_request": chat.ref.is_image, "request": request}
         return json_text({"request_id": rid, "payload": payload})
@@ -4654,6 +4708,8 @@ class Tab(asyncio.Protocol):
         self.challenged_until = 0.0             # Cloudflare: no work until it reloads (or this passes)
         self.cool_until = 0.0                   # after a 429 / reCAPTCHA refusal: resting
         self.refresh_sent = False
+        self.rest_reason = ""                   # why it rests: rate_limited, recaptcha_failed, budget
+        self.budget: dict | None = None         # the account's budget from the last answer (note_budget)
         self.token_window_at = -math.inf        # when keep_token_ready was last sent
         self.last_seen = time.monotonic()
         self.pings = 0
@@ -4790,8 +4846,11 @@ class Tab(asyncio.Protocol):
                 self.feed(job, parts)
             if "data" in msg:
                 return job.on_tab_data(data)
-            if isinstance(msg.get("event"), str):
-                job.on_stage(msg["event"])
+            event = msg.get("event")
+            if isinstance(event, str):
+                job.on_stage(event)
+                if event == "upstream_headers" and "ratelimit" in msg:
+                    self.note_budget(msg["ratelimit"])
         except Exception:         # a bug here must not kill the tab link or the other tasks
             self.failed(rid)
         return False
@@ -4838,15 +4897,42 @@ class Tab(asyncio.Protocol):
     def available(self, now: float) -> bool:
         return self.proto.state is WsState.OPEN and now >= self.challenged_until and now >= self.cool_until
 
-    def rest(self, err: ApiError, cfg: Config) -> None:
-        """What LMArena's refusal means for this tab: after a 429 or a refused check it takes no new
-        task for Retry-After (or tab_cooldown_seconds); a stale model list is asked for again; a
-        Cloudflare check makes it reload (once per check) and wait."""
-        self.last_error = f"{err.code}: {err.message[:200]}"
+    def note_budget(self, raw) -> None:
+        """The account's budget from an answer's `ratelimit` header (2.9). With nothing left the tab
+        rests until the window resets, like after a 429 but without spending a request on a certain
+        refusal (reports say a few 429s in a row get an account flagged)."""
+        budget = parse_ratelimit(raw)
+        if budget is None:
+            return
+        now = time.monotonic()
+        reset = budget["reset"] if budget["reset"] is not None else 300
+        self.budget = {"limit": budget["limit"], "remaining": budget["remaining"], "reset_at": now + reset}
+        if budget["remaining"] <= 0:
+            self.cool_until = max(self.cool_until, now + reset)
+            self.rest_reason = "budget"
+            log.warning("%s has used its LMArena budget (%s requests per window); it rests %d s until the "
+                        "window resets", self.name, budget["limit"] if budget["limit"] is not None else "?", reset)
+
+    def budget_view(self, now: float) -> dict | None:
+        """/health's view of the budget: {"limit", "remaining", "reset_seconds"}, or None (unknown, or
+        its window is over)."""
+        b = self.budget
+        if b is None or now >= b["reset_at"]:
+            return None
+        return {"limit": b["limit"], "remaining": b["remaining"], "reset_seconds": math.ceil(b["reset_at"] - now)}
+
+    def rest(self, err: ApiError, cfg: Config, path: str = "") -> None:
+        """What LMArena's refusal (at `path`) means for this tab: after a 429 or a refused check it
+        takes no new task for Retry-After (or tab_cooldown_seconds); a stale model list is asked for
+        again; a Cloudflare check makes it reload (once per check) and wait."""
+        where = f" at {path}" if path else ""
+        self.last_error = f"{err.code}{where}: {err.message[:200]}"
+        log.info("%s: LMArena refused the request%s: %s", self.name, shown(where, 200), err.code)
         now = time.monotonic()
         if err.code in ("rate_limited", "recaptcha_failed"):
             rest = err.retry_after or cfg.tab_cooldown_seconds
             self.cool_until = max(self.cool_until, now + rest)
+            self.rest_reason = err.code
             log.warning("%s rests for %g s after %s", self.name, rest, err.code)
         elif err.code == "model_unavailable":
             self.send({"command": "send_models"})     # the list is stale: refresh it
@@ -4987,7 +5073,7 @@ class TabPool:
         elif flags is not None:
             log.info("task %s: %s refused; trying again (%s)", job.id[:8], err.code, json_text(flags))
         else:
-            self.note_upstream_error(tab, err)          # the tab rests after a 429 or a final refusal
+            self.note_upstream_error(tab, err, plan.path)   # the tab rests after a 429 or a final refusal
             if err.code in ("rate_limited", "recaptcha_failed") and tab is not None and can_retry:
                 job.cooled.add(tab)
                 if self.pick_tab(job) is not None:
@@ -5003,7 +5089,7 @@ class TabPool:
         other = tab if tab is not None and tab.available(time.monotonic()) and tab not in job.cooled \
             else self.pick_tab(job)
         if other is None:
-            self.note_upstream_error(tab, err)
+            self.note_upstream_error(tab, err, plan.path)
             return False
         self.assign(job, other)
         return True
@@ -5013,11 +5099,11 @@ class TabPool:
         self.dirty.discard(job)      # the route, woken, writes what is left with the ending
         self.owner.job_ended(job)
 
-    def note_upstream_error(self, tab: "Tab | None", err: ApiError) -> None:
+    def note_upstream_error(self, tab: "Tab | None", err: ApiError, path: str = "") -> None:
         if tab is not None:
             if err.code == "cloudflare_challenge":
                 self.cloudflare_since = time.monotonic()
-            tab.rest(err, self.files.config)
+            tab.rest(err, self.files.config, path)
 
     def flush_dirty(self) -> None:
         if self.dirty:
@@ -5083,8 +5169,11 @@ class TabPool:
         open_tabs = [t for t in self.tabs if t.proto.state is WsState.OPEN and now >= t.challenged_until]
         if open_tabs and all(now < t.cool_until for t in open_tabs):
             wait = max(1, math.ceil(min(t.cool_until for t in open_tabs) - now))
-            return ApiError(429, f"Every LMArena tab is resting after LMArena refused requests (rate limit or "
-                            f"bot check); try again in {wait} s (tab_cooldown_seconds).", "rate_limited",
+            if all(t.rest_reason == "budget" for t in open_tabs):
+                why = "has used its LMArena request budget for this window (LMArena's ratelimit header)"
+            else:
+                why = "is resting after LMArena refused requests (rate limit or bot check)"
+            return ApiError(429, f"Every LMArena tab {why}; try again in {wait} s.", "rate_limited",
                             retry_after=wait)
         return None
 
@@ -5772,6 +5861,11 @@ def doctor_checks(health: dict) -> list[tuple[bool | None, str, str, str]]:
             add((ok, f"{name} uploads", "upload actions found" if ok else "upload actions not found "
                  "(attachments go as data: URLs)", "" if ok else "reload the tab; if it stays, the site "
                  "changed: attachments may fail"))
+        budget = t.get("budget") if isinstance(t.get("budget"), dict) else None
+        if budget is not None:
+            left = budget.get("remaining")
+            add((bool(left), f"{name} budget", f"{left} of {budget.get('limit')} requests left, the window "
+                 f"resets in {budget.get('reset_seconds')} s", "" if left else "wait for the window to reset"))
         if t.get("resting_seconds"):
             add((False, f"{name} rate", f"resting {t['resting_seconds']} s after LMArena refused requests",
                  "wait, or send one message by hand in the tab"))
@@ -5780,8 +5874,10 @@ def doctor_checks(health: dict) -> list[tuple[bool | None, str, str, str]]:
     models = health.get("models", 0)
     models = models if isinstance(models, int) else 0
     at = health.get("models_reported_at")
-    age = None if at is None else time.time() - at
-    add((models > 0, "models", f"{models} known, list from the page {_age(age)}",
+    age = time.time() - at if isinstance(at, (int, float)) else None
+    source = {"catalog": "the site's model catalog", "page": "the page's data",
+              "text/direct": "the /text/direct page"}.get(str(health.get("models_source") or ""), "the page")
+    add((models > 0, "models", f"{models} known, list from {source} {_age(age)}",
          "" if models else "open https://arena.ai/text/direct in the tab so it reports the model list"))
     shape = _obj(health.get("request_shape"))
     add((True, "request shape", f"learned {_age(shape.get('age_seconds'))}" + (
@@ -5800,11 +5896,15 @@ def status_page(health: dict, checks: list) -> str:
     rows = "".join(f"<tr class={_check_word(ok)}><td>{_check_word(ok)}</td><td>{e(name)}</td>"
                    f"<td>{e(detail)}{(' — ' + e(todo)) if todo and not ok else ''}</td></tr>"
                    for ok, name, detail, todo in checks)
+    def budget(t):
+        b = t.get("budget") if isinstance(t.get("budget"), dict) else None
+        return "unknown" if b is None else f"{b.get('remaining')}/{b.get('limit')}, resets in {b.get('reset_seconds')} s"
     if "tab_details" not in health:     # not this machine and no key: the summary only, as /health
         rows = ("<tr><td>Checks, tabs and recent requests are shown to this machine, or with the API "
                 "key (Authorization: Bearer).</td></tr>")
     tabs = "".join(f"<tr><td>{e(str(t.get('name')))}</td><td>{e(str(t.get('userscript')))}</td>"
-                   f"<td>{e(str(t.get('url') or ''))}</td><td>{t.get('tasks', 0)}</td>"
+                   f"<td>{e(str(t.get('url') or ''))}</td><td>{e(str(t.get('tasks', 0)))}</td>"
+                   f"<td>{e(budget(t))}</td>"
                    f"<td>{e(str(t.get('last_error') or ''))}</td></tr>" for t in health.get("tab_details") or [])
     recent = "".join(f"<tr><td>{e(str(r['id']))}</td><td>{e(str(r['model']))}</td><td>{r['status']}"
                      f"{(' ' + e(str(r['error']))) if r.get('error') else ''}</td><td>{r['ms']:.0f} ms</td>"
@@ -5820,7 +5920,7 @@ td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left;vertical-a
 <p>{'' if not checks else 'All checks passed.' if not failed else f'{failed} check(s) failed.'} {health.get('tabs', 0)} tab(s),
 {health.get('tasks_in_flight', 0)} task(s) in flight. API base: <code>/v1</code>. This page refreshes every 5 s.</p>
 <h2>Checks</h2><table>{rows}</table>
-<h2>Tabs</h2><table><tr><th>tab</th><th>userscript</th><th>page</th><th>tasks</th><th>last error</th></tr>{tabs}</table>
+<h2>Tabs</h2><table><tr><th>tab</th><th>userscript</th><th>page</th><th>tasks</th><th>budget</th><th>last error</th></tr>{tabs}</table>
 <h2>Recent requests</h2><table><tr><th>id</th><th>model</th><th>status</th><th>time</th><th>stages (ms)</th></tr>{recent}</table>
 </body></html>"""
 
@@ -6375,16 +6475,20 @@ class Stats:
             return
         model = (job.model if job is not None else model if isinstance(model, str) else "-")[:200]
         tab = job.tab_name if job is not None else "-"
+        # A router's pick is logged; the answer's `model` stays what the client asked (clients break
+        # when it changes).
+        routed = job.parser.routed_model if job is not None else None
         if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %s model=%s tab=%s status=%d%s %.0fms", rid, req.method, req.path, shown(model, 80),
-                     tab, status, f" error={error}" if error else "", ms)
+            log.info("%s %s %s model=%s%s tab=%s status=%d%s %.0fms", rid, req.method, req.path, shown(model, 80),
+                     f" routed={shown(routed, 80)}" if routed else "", tab, status,
+                     f" error={error}" if error else "", ms)
         if job is not None or (status >= 400 and req.path.startswith("/v1/")):   # failed ones too
             start = job.stages.get("start", started) if job is not None else started
             stages = {name: round((job.stages[name] - start) * 1000, 1) for name in self.STAGES
                       if name in job.stages} if job is not None else {}
             self.recent.append({"id": rid, "model": model, "tab": tab, "status": status, "error": error,
                                 "ms": round(ms, 1), "at": time.time(), "stages_ms": stages,
-                                "attempts": job.attempt + 1 if job is not None else 0})
+                                "attempts": job.attempt + 1 if job is not None else 0, "routed_model": routed})
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s stages (ms from the request): %s; %d attempt(s)", rid,
                           ", ".join(f"{k} {v:g}" for k, v in stages.items()), self.recent[-1]["attempts"])
@@ -6521,7 +6625,7 @@ class Bridge:
         if kind == "ids_captured":
             self.on_ids_captured(tab, msg.get("session_id"), msg.get("message_id"))
         elif kind == "models":
-            self.on_models(tab, msg.get("models"))
+            self.on_models(tab, msg.get("models"), msg.get("source"))
         elif kind == "request_shape":
             self.on_request_shape(tab, msg.get("endpoint"), msg.get("body"))
 
@@ -6548,10 +6652,13 @@ class Bridge:
                      os.path.basename(written))
         self.capture.resolve(result)
 
-    def on_models(self, tab: Tab, models) -> None:
+    def on_models(self, tab: Tab, models, source=None) -> None:
         if not isinstance(models, list):
             log.debug("%s sent a models report without a list", tab.name)
             return
+        known = ("catalog", "page", "text/direct")
+        self.files.models_source = source if source in known else ("catalog" if any(
+            isinstance(m, dict) and isinstance(m.get("arena"), str) for m in models[:50]) else "page")
         self.track(asyncio.get_running_loop().create_task(self.merge_models(models)))
 
     async def merge_models(self, models: list) -> None:
@@ -6588,10 +6695,11 @@ class Bridge:
             {"name": t.name, "userscript": t.version, "url": t.url, "tasks": len(t.jobs),
              "cloudflare_check": now < t.challenged_until,
              "resting_seconds": max(0, round(t.cool_until - now)), "status": t.status,
-             "last_error": t.last_error} for t in tabs]
+             "budget": t.budget_view(now), "last_error": t.last_error} for t in tabs]
         status["config"] = {"path": files.config_path, "error": files.last_error, "placeholder_ids":
                             is_placeholder_id(files.config.session_id) or is_placeholder_id(files.config.message_id)}
         status["models_reported_at"] = files.models_at
+        status["models_source"] = files.models_source
         status["request_shape"] = {"fields": sorted(files.shape) if files.shape else [],
                                    "age_seconds": round(time.time() - files.shape_at) if files.shape_at else None}
         status["conversations_remembered"] = len(self.memory.by_key)

@@ -1538,3 +1538,21 @@ class AnthropicWithoutTab(BridgeCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class LongPromptRefusal(BridgeCase):
+    def test_prompt_failed_on_a_long_prompt_is_prompt_too_long(self):
+        """LMArena's "prompt failed" 429 for a prompt of agent size is reported as 413 prompt_too_long
+        naming the size (not a rate limit), and the tab does not rest; for a short prompt it stays a
+        rate limit."""
+        tab = self.h.tab()
+        tab.script = [{"error": '{"error":"prompt failed"}', "status": 429}]
+        client = self.h.client()
+        with self.assertRaises(openai.APIStatusError) as cm:
+            client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "x" * 40000}])
+        self.assertEqual((cm.exception.status_code, cm.exception.code), (413, "prompt_too_long"))
+        self.assertIn("40000 characters", cm.exception.message)
+        self.assertEqual(cm.exception.response.headers["x-should-retry"], "false")
+        self.assertEqual(self.h.bridge.tabs[0].cool_until, 0)
+        with self.assertRaises(openai.RateLimitError):
+            client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "short"}])

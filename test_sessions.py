@@ -16,6 +16,7 @@ import urllib.request
 import openai
 
 import bridge
+import testsupport
 from testsupport import feed_parser, IMAGE_UUID, MODEL_UUID, BridgeCase, Harness, lines, run_cli
 
 SEARCH_UUID = "0199aaaa-0000-7000-8000-00000000000c"
@@ -198,7 +199,7 @@ class JobWithoutSockets(unittest.TestCase):
         def job_ended(self, job):
             self.ended.append(job)
 
-        def note_upstream_error(self, tab, err):
+        def note_upstream_error(self, tab, err, path=""):
             self.noted.append(err.code)
 
     class Plan:
@@ -997,3 +998,74 @@ class Diagnosis(BridgeCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# Today's site, as recorded (PROTOCOL 2.6, 2.8, 2.9) =============================================
+
+class RecordedSite(unittest.TestCase):
+    """The site's model catalog, its budget header, its refusals and a real-sized multi-lane answer."""
+
+    def test_full_size_catalog_named_by_the_arena_rule(self):
+        """The full-size catalog (about 470 rows, six arenas, names repeated across and within arenas)
+        gives exactly the entries an independent reading of PROTOCOL 2.8 gives; chat models that can
+        also build web pages stay chat, the router is chat, code-arena rows are :webdev."""
+        rows = testsupport.catalog_flattened()
+        self.assertGreaterEqual(len(rows), 450)
+        got = bridge.page_model_entries(rows)
+        self.assertEqual(got, testsupport.catalog_models_json())
+        self.assertEqual(bridge.page_model_entries(testsupport.CATALOG), got)     # the catalog as served
+        web_chat = [m["publicName"] for g in testsupport.CATALOG if g["arena"] == "text" for m in g["models"]
+                    if (m.get("capabilities") or {}).get("outputCapabilities", {}).get("web")
+                    and m.get("userSelectable") is not False]
+        self.assertGreater(len(web_chat), 20)
+        for name in web_chat:
+            self.assertEqual(bridge.parse_model_value(got[name]).modality, "chat", name)
+        self.assertEqual(got["max"], testsupport.ROUTER_ID)                      # the router is chat
+        self.assertTrue(any(k.endswith(":webdev") for k in got))
+
+    def test_budget_header(self):
+        self.assertEqual(bridge.parse_ratelimit("limit=1800, remaining=12, reset=240"),
+                         {"limit": 1800, "remaining": 12, "reset": 240})
+        self.assertEqual(bridge.parse_ratelimit("remaining=0"), {"limit": None, "remaining": 0, "reset": None})
+        for odd in (None, 5, "", "limit=1800", "remaining=-1", "x" * 10000):
+            self.assertIsNone(bridge.parse_ratelimit(odd))
+
+    def test_site_refusals(self):
+        """User not found (no cookies) says to log in again; an old route is a changed site; a 404 of a
+        follow-up falls back to a new conversation."""
+        e = bridge.classify_upstream_error('{"message": "User not found"}', 401)
+        self.assertEqual((e.status, e.code), (403, "session_not_owned"))
+        self.assertIn("Log in again", e.message)
+        e = bridge.classify_upstream_error('{"error":"Route not allowed"}', 403)
+        self.assertEqual((e.status, e.code), (502, "upstream_schema_changed"))
+        self.assertFalse(e.retryable)
+        e = bridge.classify_upstream_error('{"error": "Evaluation session not found"}', 404)
+        self.assertEqual(bridge.retry_plan(e, True, 0), {"new_conversation": True})
+
+    def test_long_multi_lane_capture_at_every_split(self):
+        """A ~97,000-character battle answer (both lanes: text, reasoning, tool rows, webdev data rows,
+        every row newline-terminated): only lane A's text and reasoning come out, whole, byte by byte,
+        at the cuts the stand-in sends it with, and at 300 random two-way splits; lane B never leaks."""
+        text, want_text, want_reasoning = testsupport.long_capture()
+        self.assertGreater(len(text), 95_000)
+
+        def outcome(chunks):
+            events, parser = feed_parser(chunks, "a")
+            got_text = "".join(e[2] for e in events if e[0] == "text")
+            got_reasoning = "".join(e[1] for e in events if e[0] == "reasoning")
+            return got_text, got_reasoning, [e[0] for e in events if e[0] not in ("text", "reasoning")]
+
+        whole = outcome([text])
+        self.assertEqual(whole[:2], (want_text, want_reasoning))
+        self.assertEqual(whole[2], ["finish"])
+        self.assertNotIn('"b0:', whole[0])
+        self.assertEqual(outcome(list(text)), whole)                                   # one character at a time
+        data = text.encode()
+        cuts = [0] + testsupport.prime_cuts(data) + [len(data)]
+        self.assertEqual(outcome([data[a:b] for a, b in zip(cuts, cuts[1:])]), whole)   # bytes, odd cuts
+        rnd = random.Random(97)
+        for _ in range(300):
+            k = rnd.randrange(1, len(data))
+            self.assertEqual(outcome([data[:k], data[k:]]), whole, k)
+        b_events, _ = feed_parser([text], "b")
+        self.assertNotIn(want_text[:200], "".join(e[2] for e in b_events if e[0] == "text"))

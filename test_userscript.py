@@ -36,6 +36,7 @@ import re
 import threading
 import time
 import unittest
+import urllib.request
 
 import openai
 
@@ -521,6 +522,79 @@ class ThroughTheBridge(BrowserCase):
                          [(conv_id, 404), ("create-evaluation", 200)])
         folded = seen[1]["body"]["userMessage"]["content"]
         self.assertTrue(all(q in folded for q in ("first question", "second question", "third question")), folded)
+
+    def test_model_list_comes_from_the_catalog_named_by_the_arena_rule(self):
+        """The tab reads the site's catalog first; models.json gets every entry the arena rule of
+        PROTOCOL 2.8 gives (read independently by testsupport), and the status says where it came from."""
+        with open(os.path.join(self.h.dir, "models.json"), encoding="utf-8") as f:
+            models = bridge.parse_json_file("models.json", f.read())
+        want = testsupport.catalog_models_json()
+        self.assertEqual({k: models.get(k) for k in want}, want)
+        health = json.loads(urllib.request.urlopen(self.h.url + "/health", timeout=5).read())
+        self.assertEqual(health["models_source"], "catalog")
+        self.assertIn("the site's model catalog", " ".join(d for _, _, d, _ in bridge.doctor_checks(health)))
+
+    def test_pages_own_request_never_teaches_denied_fields(self):
+        """The page's own request carries forceLowRecaptchaScore, secrets, a token and ids: the learned
+        shape keeps only the new field, and what the tab sends next carries none of the others."""
+        status, _ = testsupport.send_like_the_site(self.page, self.arena)
+        self.assertEqual(status, 200)
+        self.w.wait(lambda: (self.h.bridge.files.shape or {}).get("newRequiredField") is not None, 10, "the shape")
+        shape = self.h.bridge.files.shape
+        self.assertEqual(testsupport.keys_anywhere(shape) & {"forceLowRecaptchaScore", "secrets", "recaptchaV3Token",
+                                                             "id", "modelAId"}, set())
+        with open(os.path.join(self.h.dir, "request_shape.json"), encoding="utf-8") as f:
+            saved = f.read()
+        self.assertNotIn("forceLowRecaptchaScore", saved)
+        self.assertNotIn("secrets", saved)
+        self.ask("after the page's own request")
+        body = self.last_tab_request()["body"]
+        self.assertEqual(body["newRequiredField"], testsupport.NEW_FIELD["newRequiredField"])
+        self.assertEqual(testsupport.keys_anywhere(body) & {"forceLowRecaptchaScore", "secrets"}, set())
+        self.assertEqual(self.arena.problems, [])
+
+    def test_budget_paces_the_tab(self):
+        """An answer saying the budget is spent makes the lone tab rest until the window resets: the
+        next request gets 429 at once with Retry-After, without a request to LMArena; /health and the
+        status page show the budget."""
+        tab = self.tab()
+        self.arena.budget_remaining, self.arena.budget_reset = 1, 120
+        self.assertEqual(self.ask("the last one in this window").choices[0].message.content, ANSWER)
+        self.w.wait(lambda: tab.budget is not None and tab.budget["remaining"] == 0, 5, "the budget")
+        health = json.loads(urllib.request.urlopen(self.h.url + "/health", timeout=5).read())
+        seen = [t for t in health["tab_details"] if t["name"] == tab.name][0]
+        self.assertEqual((seen["budget"]["limit"], seen["budget"]["remaining"]), (1800, 0))
+        self.assertGreater(seen["budget"]["reset_seconds"], 100)
+        before = len(self.arena.tab_requests())
+        try:
+            with self.assertRaises(openai.RateLimitError) as cm:
+                self.ask("one too many")
+            self.assertEqual(cm.exception.code, "rate_limited")
+            self.assertIn("budget", cm.exception.message)
+            self.assertGreater(int(cm.exception.response.headers["retry-after"]), 100)
+            self.assertEqual(len(self.arena.tab_requests()), before)            # LMArena was not asked
+            page = urllib.request.urlopen(self.h.url + "/", timeout=5).read().decode()
+            self.assertIn("0/1800, resets in", page)
+        finally:
+            tab.cool_until, tab.budget, tab.rest_reason = 0, None, ""
+
+    def test_lost_login_says_log_in_again(self):
+        self.arena.lost_session = True
+        with self.assertRaises(openai.PermissionDeniedError) as cm:
+            self.ask("who am I?")
+        self.assertEqual(cm.exception.code, "session_not_owned")
+        self.assertIn("Log in again", cm.exception.message)
+
+    def test_router_answer_keeps_the_model_name_and_logs_the_pick(self):
+        """When the router answers, `model` stays what the client asked; the routed model is logged
+        and shown in the recent requests."""
+        self.arena.routes[testsupport.ROUTER_ID] = "gemini-2.5-pro"
+        with self.assertLogs(bridge.log, "INFO") as logs:
+            r = self.ask("route me", model="max")
+        self.assertEqual((r.model, r.choices[0].message.content), ("max", ANSWER))
+        self.assertTrue(any("routed='gemini-2.5-pro'" in line for line in logs.output), logs.output)
+        health = json.loads(urllib.request.urlopen(self.h.url + "/health", timeout=5).read())
+        self.assertEqual(health["recent_requests"][-1]["routed_model"], "gemini-2.5-pro")
 
     def test_rate_limit_passes_retry_after_on(self):
         """LMArena's 429 reaches the client as 429 with its Retry-After."""

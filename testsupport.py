@@ -1392,13 +1392,17 @@ class ArenaHandler(BaseHTTPRequestHandler):
             return self.stream(data, cut_points(data), budget)
         return self.stream(rows, cut_points(rows), budget)
 
-    def stream(self, data, cuts, headers=None, pause=0.03):
+    def start_chunked(self, headers=None):
+        """A 200 with a chunked text body, as the site's stream endpoints answer."""
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Transfer-Encoding", "chunked")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
+
+    def stream(self, data, cuts, headers=None, pause=0.03):
+        self.start_chunked(headers)
         for a, b in zip(cuts, cuts[1:]):
             piece = data[a:b]
             self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
@@ -1407,12 +1411,7 @@ class ArenaHandler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
 
     def stream_slowly(self, headers=None):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Transfer-Encoding", "chunked")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
+        self.start_chunked(headers)
         try:
             for i in range(200):
                 piece = f'a0:"tick {i} "\n'.encode()
