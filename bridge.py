@@ -10,6 +10,9 @@ Run
     python bridge.py capture [--mode direct_chat|battle] [--target A|B] [--model NAME] [--timeout S]
     python bridge.py models                                     list the known models
     python bridge.py update                                     install a newer version (see update_url)
+    python bridge.py --browser [--headless] [--chrome PATH] ... serve, and start a browser of its own with
+                                                                the userscript in its LMArena pages (section 17)
+    python bridge.py browser [--bridge URL] [...]               only that browser, for a running bridge
 Exit codes: 0 done, 1 could not do it (explained in one line), 2 bad usage or broken file.
 
 How a request reaches LMArena (PROTOCOL.md in this repository has the facts and their sources)
@@ -80,11 +83,12 @@ Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: b
     15. The tab link                                  309  one userscript tab over WebSocket (Sans-I/O websockets)
     16. The tab pool                                  305  picking tabs, assigning and retrying jobs, rests, pings
     17. HTTP connection driver                        483  asyncio protocol: requests in, answers and streams out
-    18. Diagnosis                                     147  doctor's checks and the status page (pure)
+    18. Diagnosis                                     151  doctor's checks and the status page (pure)
     19. Routes                                        465  the HTTP API: one method per endpoint
-    20. The bridge                                    348  the server: lifecycle, capture, stats, health, tab reports
+    20. The bridge                                    350  the server: lifecycle, capture, stats, health, tab reports
     21. Updates and image downloads                    83  blocking; run in threads or from the command line
-    22. Command line                                  303  serve, doctor, capture, models, update
+    22. Browser launcher (DevTools protocol)          770  python bridge.py --browser: its own Chrome, minded
+    23. Command line                                  317  serve, doctor, capture, models, update
 """
 from __future__ import annotations
 
@@ -4449,7 +4453,7 @@ class Job:
         if self.plan is not None and not self.output:
             err = self.plan.explain(err)
         if self.output:
-            self.owner.note_upstream_error(self.tab, err, getattr(self.plan, "path", ""))
+            self.owner.note_upstream_error(self.tab, err, self.plan.path if self.plan is not None else "")
         elif self.owner.retry_job(self, err):
             return
         self.fail(err, tell_tab=False)
@@ -5879,6 +5883,9 @@ def doctor_checks(health: dict) -> list[tuple[bool | None, str, str, str]]:
               "text/direct": "the /text/direct page"}.get(str(health.get("models_source") or ""), "the page")
     add((models > 0, "models", f"{models} known, list from {source} {_age(age)}",
          "" if models else "open https://arena.ai/text/direct in the tab so it reports the model list"))
+    browser = health.get("browser")            # the browser launcher, only when launched
+    if isinstance(browser, dict) and browser:
+        add(browser_check(browser))
     shape = _obj(health.get("request_shape"))
     add((True, "request shape", f"learned {_age(shape.get('age_seconds'))}" + (
         f" ({', '.join(shape.get('fields') or [])})" if shape.get("fields") else " (none needed so far)"), ""))
@@ -5920,6 +5927,7 @@ td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left;vertical-a
 <p>{'' if not checks else 'All checks passed.' if not failed else f'{failed} check(s) failed.'} {health.get('tabs', 0)} tab(s),
 {health.get('tasks_in_flight', 0)} task(s) in flight. API base: <code>/v1</code>. This page refreshes every 5 s.</p>
 <h2>Checks</h2><table>{rows}</table>
+{browser_section(health.get("browser"))}
 <h2>Tabs</h2><table><tr><th>tab</th><th>userscript</th><th>page</th><th>tasks</th><th>budget</th><th>last error</th></tr>{tabs}</table>
 <h2>Recent requests</h2><table><tr><th>id</th><th>model</th><th>status</th><th>time</th><th>stages (ms)</th></tr>{recent}</table>
 </body></html>"""
@@ -6528,6 +6536,7 @@ class Bridge:
         self.stats = Stats()
         self.memory = Conversations(on_evict=self.cleanup_conversation)
         self.routes = Routes(files, self.pool, self.memory, self.capture, self.stats, self.health)
+        self.browser = None                   # the BrowserLauncher of `--browser`, if any
 
     @property
     def tabs(self) -> list:
@@ -6705,6 +6714,7 @@ class Bridge:
         status["conversations_remembered"] = len(self.memory.by_key)
         status["stages_ms"] = self.stats.stage_percentiles()
         status["recent_requests"] = list(self.stats.recent)[-20:]
+        status["browser"] = self.browser.state() if self.browser is not None else None
         return status
 
     # -- background --
@@ -6821,17 +6831,786 @@ def run_update(files: UserFiles, out=print, target_dir: str = HERE) -> int:
     return 0
 
 
-# 22. Command line =================================================================================
+# 22. Browser launcher (DevTools protocol) =========================================================
+#     `python bridge.py browser` and `python bridge.py --browser`: a Chrome, Chromium or Edge of the
+#     bridge's own (own profile folder, so the LMArena login stays there and the user's everyday
+#     profile is never touched) that puts userscript.js into every LMArena page and is kept running.
+#     It speaks the DevTools protocol over `--remote-debugging-pipe` (JSON messages separated by NUL
+#     on fds 3 and 4: no port at all) where fds can be handed over (Linux, macOS), else (Windows) over
+#     `--remote-debugging-port=0`, a random port on 127.0.0.1 read from DevToolsActivePort, with the
+#     `websockets` client. Only these domains are used, because sites score automated browsers lower
+#     and every enabled domain is something a page might notice:
+#       Target   find, attach to (flattened sessions, paused until prepared) and open pages
+#       Page     addScriptToEvaluateOnNewDocument (the userscript before the page's own scripts), reload
+#       Runtime  runIfWaitingForDebugger, and evaluating `1` as a liveness ping; never Runtime.enable
+#       Browser  getVersion, setPermission (local network access for LMArena origins), close
+#     No `--enable-automation` (navigator.webdriver stays false), no extension, no Playwright.
 
-SUBCOMMANDS = ("serve", "capture", "models", "update", "doctor")
+BROWSER_DEFAULT_URL = "https://arena.ai/"
+BROWSER_PROFILE_NAME = "browser-profile"       # beside the config, unless --profile
+BROWSER_ENV = "BRIDGE_CHROME"                  # the browser to start, when --chrome is not given
+# What the launcher adds to the browser's command line; nothing that changes how the browser looks to
+# a site (no --disable-background-networking, --disable-sync...: pass them with --browser-arg).
+BROWSER_FLAGS = ("--no-first-run", "--no-default-browser-check")
+# A DevTools link of any kind (pipe or port) makes Chromium 156 set navigator.webdriver to true; this
+# keeps it false, as in the user's everyday browser. Merged with a --disable-blink-features given.
+NO_WEBDRIVER_FEATURE = "AutomationControlled"
+LMARENA_GRANT_ORIGINS = ("https://arena.ai", "https://lmarena.ai")   # others once a page shows them
+# Local Network Access (Chrome 138+): the permission names browsers have used; each one this browser
+# accepts is granted (none accepted: an older browser, no check to pass).
+LNA_PERMISSIONS = ("local-network-access", "local-network", "loopback-network")
+CDP_MAX_MESSAGE = 4 * 2**20       # a DevTools message larger than this is skipped (ours are tiny)
+CDP_CALL_SECONDS = 15.0           # one DevTools command
+BROWSER_START_SECONDS = 30.0      # the DevTools link must answer within this after start
+BROWSER_CLOSE_SECONDS = 5.0       # Browser.close, then SIGTERM, then SIGKILL to its process group
+BROWSER_BACKOFF = (1.0, 60.0)     # first and longest wait before starting an exited browser again
+BROWSER_STABLE_SECONDS = 120.0    # a browser that ran this long starts its back-off from the first wait
+PAGE_PING_INTERVAL = 10.0         # how often each LMArena page is asked to evaluate `1`
+PAGE_PING_TIMEOUT = 20.0          # no answer for this long: the page hangs and is reloaded
+PAGE_RELOAD_SECONDS = 10.0        # Page.reload not acknowledged within this: close the tab, open a new one
 
 
+class BrowserError(Exception):
+    """The browser could not be started or spoken to (one line for the log and the state)."""
+
+
+def browser_candidates() -> list[str]:
+    """Where Chrome, Chromium and Edge usually live on this system, most likely first."""
+    if sys.platform == "darwin":
+        apps = [("Google Chrome", "Google Chrome"), ("Chromium", "Chromium"), ("Microsoft Edge", "Microsoft Edge")]
+        return [os.path.join(root, f"{app}.app", "Contents", "MacOS", exe) for root in
+                ("/Applications", os.path.expanduser("~/Applications")) for app, exe in apps]
+    if os.name == "nt":
+        roots = [os.environ.get(k) for k in ("PROGRAMFILES", "PROGRAMFILES(X86)", "LOCALAPPDATA")]
+        rel = [r"Google\Chrome\Application\chrome.exe", r"Chromium\Application\chrome.exe",
+               r"Microsoft\Edge\Application\msedge.exe"]
+        return [os.path.join(root, r) for r in rel for root in roots if root]
+    names = ("google-chrome-stable", "google-chrome", "chromium", "chromium-browser", "microsoft-edge-stable",
+             "microsoft-edge")
+    return [os.path.join(d, n) for n in names for d in ("/usr/bin", "/usr/local/bin", "/snap/bin")] + \
+        ["/opt/google/chrome/chrome", "/opt/microsoft/msedge/msedge"]
+
+
+def find_browser(given: str | None) -> str:
+    """The browser to start: `given` (--chrome), else $BRIDGE_CHROME, else the first one found on
+    PATH or the usual paths. Raises BrowserError with one line saying what to do."""
+    import shutil
+    chosen = given or os.environ.get(BROWSER_ENV)
+    if chosen:
+        found = shutil.which(chosen)
+        if found is None:
+            where = "--chrome" if given else f"${BROWSER_ENV}"
+            raise BrowserError(f"no browser at {chosen} (from {where}); give the path of Chrome, Chromium or Edge")
+        return found
+    for name in ("google-chrome", "chromium", "chromium-browser", "microsoft-edge", "msedge", "chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    for path in browser_candidates():
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise BrowserError("no Chrome, Chromium or Edge found; install one, or give its path with --chrome PATH "
+                       f"or ${BROWSER_ENV}")
+
+
+def tab_socket_url(base: str) -> str:
+    """The tab socket (ws://HOST:PORT/ws) of a bridge given as http(s)://HOST:PORT or as ws(s) URL."""
+    u = urllib.parse.urlsplit(base.strip())
+    scheme = {"http": "ws", "https": "wss"}.get(u.scheme, u.scheme)
+    path = u.path.rstrip("/")
+    return urllib.parse.urlunsplit((scheme, u.netloc, path if path.endswith("/ws") else path + "/ws", "", ""))
+
+
+def local_tab_url(host: str, port: int) -> str:
+    """The tab socket of a bridge listening on host:port, as a page on this machine reaches it."""
+    host = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return f"ws://{'[' + host + ']' if ':' in host else host}:{port}/ws"
+
+
+def url_is_lmarena(url: str) -> bool:
+    """An https page of arena.ai, lmarena.ai or a subdomain (the userscript's @match)."""
+    try:
+        u = urllib.parse.urlsplit(url)
+    except ValueError:
+        return False
+    return origin_is_lmarena(f"{u.scheme}://{u.netloc}")
+
+
+def launcher_page_script(userscript: str, tab_url: str) -> str:
+    """What every page of the launched browser runs before its own scripts: on LMArena pages (top
+    frame, https, the userscript's @match) point the userscript at this bridge, then run it. The
+    userscript is the file itself, unchanged: it reads its bridge from localStorage."""
+    return ("(function () {\n"
+            "  // LMArena Bridge launcher: userscript.js for LMArena pages (its @match), top frame only.\n"
+            f"  var hosts = {json.dumps(list(LMARENA_HOSTS))}, host = location.hostname;\n"
+            "  if (location.protocol !== 'https:' || window.top !== window ||\n"
+            "      !hosts.some(function (h) { return host === h || host.endsWith('.' + h); })) return;\n"
+            f"  try {{ localStorage.setItem('lmarena-bridge-url', {json.dumps(tab_url)}); }} catch (e) {{}}\n"
+            f"{userscript}\n"
+            "})();\n")
+
+
+class DevTools:
+    """One DevTools protocol connection to the browser, flattened sessions: numbered commands with a
+    timeout each, and events passed to `on_event(method, params, session_id)`. The transport (pipe
+    or WebSocket) hands over whole message texts with `feed` and says `lost` when it ends."""
+
+    def __init__(self, write, on_event):
+        self.write = write                      # async (text) -> None
+        self.on_event = on_event
+        self.ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future] = {}
+        self.closed = asyncio.Event()
+        self.why = ""
+
+    async def call(self, method: str, params: dict | None = None, session: str | None = None,
+                   timeout: float = CDP_CALL_SECONDS) -> dict:
+        if self.closed.is_set():
+            raise BrowserError(f"{method}: the DevTools link is closed ({self.why})")
+        mid = next(self.ids)
+        msg = {"id": mid, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[mid] = fut
+        try:
+            await self.write(json.dumps(msg))
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise BrowserError(f"{method}: no answer from the browser within {timeout:g} s") from None
+        finally:
+            self.pending.pop(mid, None)
+
+    def feed(self, text) -> None:
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            log.debug("browser: unreadable DevTools message skipped")
+            return
+        if not isinstance(msg, dict):
+            return
+        if "id" in msg:
+            fut = self.pending.get(msg["id"])
+            if fut is not None and not fut.done():
+                err = msg.get("error")
+                if err is not None:
+                    fut.set_exception(BrowserError(str(err.get("message") if isinstance(err, dict) else err)))
+                else:
+                    fut.set_result(msg.get("result") or {})
+            return
+        if isinstance(msg.get("method"), str):
+            try:
+                self.on_event(msg["method"], msg.get("params") or {}, msg.get("sessionId"))
+            except Exception:       # one bad event must not end the link
+                log.exception("browser: handling %s failed", msg["method"])
+
+    def lost(self, why: str) -> None:
+        if self.closed.is_set():
+            return
+        self.why = why
+        self.closed.set()
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(BrowserError(f"the DevTools link closed ({why})"))
+
+
+class DevToolsPipeReader(asyncio.Protocol):
+    """The browser's end of --remote-debugging-pipe (its fd 4): NUL-separated JSON messages. A message
+    longer than CDP_MAX_MESSAGE is skipped up to its NUL, so nothing the browser sends grows memory."""
+
+    def __init__(self, devtools: DevTools):
+        self.devtools = devtools
+        self.buffer = bytearray()
+        self.skipping = False
+
+    def data_received(self, data: bytes) -> None:
+        start = 0
+        while True:
+            end = data.find(b"\0", start)
+            if end < 0:
+                if not self.skipping:
+                    self.buffer += data[start:]
+                    if len(self.buffer) > CDP_MAX_MESSAGE:
+                        log.warning("browser: a DevTools message over %d bytes skipped", CDP_MAX_MESSAGE)
+                        self.buffer.clear()
+                        self.skipping = True
+                return
+            if self.skipping:
+                self.skipping = False
+            else:
+                self.buffer += data[start:end]
+                text = bytes(self.buffer)
+                self.buffer.clear()
+                self.devtools.feed(text)
+            start = end + 1
+
+    def eof_received(self):
+        self.devtools.lost("the browser closed its pipe")
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.devtools.lost(f"pipe error: {exc}" if exc else "the browser closed its pipe")
+
+
+class BrowserProcess:
+    """The started browser: its pid (leader of a process group of its own, so Ctrl-C in a terminal
+    reaches only the bridge, and the bridge can end the whole browser), and its exit."""
+
+    def __init__(self, pid: int, popen=None):
+        self.pid, self.popen = pid, popen
+        self.returncode: int | None = None
+        self.exited = asyncio.get_running_loop().create_task(self._wait())
+
+    async def _wait(self) -> int:
+        # A thread blocks in waitpid (no child watcher needed); the browser is always ended by stop().
+        if self.popen is not None:
+            self.returncode = await asyncio.to_thread(self.popen.wait)
+        else:
+            _, status = await asyncio.to_thread(os.waitpid, self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def signal_group(self, sig) -> None:
+        """`sig` to every process of the browser's group (renderers, zygote, crash handler too)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            if self.popen is not None:          # Windows: no process groups to signal
+                self.popen.kill()
+            else:
+                os.killpg(self.pid, sig)
+
+
+class BrowserLauncher:
+    """Starts the browser, prepares every page it opens, and keeps it running: a crashed or hung
+    LMArena page is reloaded, a browser that exits is started again after a back-off (1, 2, 4... 60 s;
+    from 1 again once it ran BROWSER_STABLE_SECONDS). Never raises into the bridge: failures are
+    logged and kept as `last_error` in `state()`, which /health, doctor and the status page show."""
+
+    @dataclasses.dataclass(slots=True)
+    class Page:
+        target_id: str
+        session: str
+        url: str = ""
+        busy: bool = False          # being pinged
+        hung: bool = False          # its renderer was crashed on purpose (unhang)
+        prepared: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+        crashed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def __init__(self, chrome: str, profile: str, url: str = BROWSER_DEFAULT_URL, tab_url: str | None = None,
+                 headless: bool = False, extra_args=(), transport: str | None = None,
+                 ping_interval: float = PAGE_PING_INTERVAL, ping_timeout: float = PAGE_PING_TIMEOUT,
+                 userscript_path: str | None = None):
+        self.chrome, self.profile, self.url = chrome, os.path.abspath(profile), url
+        self.tab_url = tab_url                  # ws://HOST:PORT/ws of the bridge; set by serve() when None
+        self.headless, self.extra_args = headless, list(extra_args)
+        self.transport = transport or ("pipe" if os.name == "posix" else "port")
+        self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
+        self.userscript_path = userscript_path or os.path.join(HERE, "userscript.js")
+        self.version: str | None = None
+        self.pid: int | None = None
+        self.restarts = 0
+        self.page_reloads = 0
+        self.last_error: str | None = None
+        self.running = False
+        self.permissions: list | None = None    # the local-network-access names this browser accepted
+        self.granted: set[str] = set()
+        self.pages: dict[str, BrowserLauncher.Page] = {}    # by session id
+        self.devtools: DevTools | None = None
+        self.process: BrowserProcess | None = None
+        self.script = ""
+        self.stopping = False
+        self.closing: asyncio.Task | None = None
+        self.task: asyncio.Task | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.ready = asyncio.Event()            # set once a started browser is prepared (tests wait on it)
+
+    # -- what /health, doctor and the status page show --
+    def state(self) -> dict:
+        return {"path": self.chrome, "version": self.version, "profile": self.profile, "pid": self.pid,
+                "running": self.running, "headless": self.headless, "devtools": self.transport,
+                "restarts": self.restarts, "page_reloads": self.page_reloads, "last_error": self.last_error,
+                "lmarena_pages": sum(1 for p in self.pages.values() if url_is_lmarena(p.url)),
+                "local_network_access": self.permissions}
+
+    def fail(self, message: str) -> None:
+        self.last_error = message
+        log.warning("browser: %s", message)
+
+    # -- lifecycle --
+    async def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        """Close the browser (and everything it started) and stop minding it."""
+        self.stopping = True
+        log.info("browser: closing it")
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+        await self.close_browser()
+
+    async def run(self) -> None:
+        delay = BROWSER_BACKOFF[0]
+        while not self.stopping:
+            began = time.monotonic()
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except BrowserError as exc:
+                self.fail(str(exc))
+            except Exception as exc:        # whatever the browser does, the bridge keeps serving
+                log.exception("browser: unexpected error")
+                self.last_error = f"unexpected error: {exc!r}"
+            finally:
+                self.running = False
+                await self.close_browser()
+            if self.stopping:
+                return
+            if time.monotonic() - began >= BROWSER_STABLE_SECONDS:
+                delay = BROWSER_BACKOFF[0]
+            self.restarts += 1
+            log.warning("browser: starting it again in %g s (restart %d)", delay, self.restarts)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BROWSER_BACKOFF[1])
+
+    async def run_once(self) -> None:
+        """Start the browser, prepare it, and mind its pages until it exits."""
+        try:
+            with open(self.userscript_path, encoding="utf-8") as f:
+                userscript = f.read()
+        except OSError as exc:
+            raise BrowserError(f"cannot read {self.userscript_path}: {exc.strerror or exc}") from None
+        self.script = launcher_page_script(userscript, self.tab_url or "ws://127.0.0.1:5102/ws")
+        self.pages.clear()
+        self.granted.clear()            # permissions set over DevTools last as long as that browser
+        self.ready.clear()
+        await self.launch()
+        proc, devtools = self.process, self.devtools
+        try:
+            started = await devtools.call("Browser.getVersion", timeout=BROWSER_START_SECONDS)
+        except BrowserError:
+            if proc.exited.done():
+                raise BrowserError(f"the browser exited at once (code {proc.returncode}); is another browser "
+                                   f"using the profile {self.profile}?") from None
+            raise
+        self.version = started.get("product")
+        self.running = True
+        log.info("browser: %s (pid %d, profile %s, DevTools over %s)", self.version, proc.pid, self.profile,
+                 self.transport)
+        for origin in LMARENA_GRANT_ORIGINS + ((self.origin_of(self.url),) if url_is_lmarena(self.url) else ()):
+            await self.grant(origin)
+        await devtools.call("Target.setDiscoverTargets", {"discover": True})
+        await devtools.call("Target.setAutoAttach", {"autoAttach": True, "waitForDebuggerOnStart": True,
+                                                     "flatten": True, "filter": [{"type": "page"}]})
+        await self.open_url()
+        self.ready.set()
+        watch = self.spawn(self.watch_pages())
+        lost = asyncio.get_running_loop().create_task(devtools.closed.wait())
+        try:
+            await asyncio.wait([proc.exited, lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            lost.cancel()
+        with contextlib.suppress(asyncio.TimeoutError):    # the pipe closes just before the exit is seen
+            await asyncio.wait_for(asyncio.shield(proc.exited), 1.0)
+        if proc.exited.done():
+            raise BrowserError(f"the browser exited (code {proc.returncode})")
+        raise BrowserError(f"lost the DevTools link ({devtools.why})")
+
+    async def launch(self) -> None:
+        """Start the browser with its own profile and a DevTools link (pipe, or 127.0.0.1 port)."""
+        os.makedirs(self.profile, exist_ok=True)
+        args = [self.chrome, f"--user-data-dir={self.profile}", *BROWSER_FLAGS]
+        if self.headless:
+            args.append("--headless")
+        if sys.platform.startswith("linux") and os.geteuid() == 0 and "--no-sandbox" not in self.extra_args:
+            args.append("--no-sandbox")
+            log.info("browser: running as root, so the browser runs with --no-sandbox (Chromium refuses root "
+                     "otherwise); run the bridge as a normal user to keep the sandbox")
+        args += ["--remote-debugging-pipe" if self.transport == "pipe" else "--remote-debugging-port=0"]
+        disabled = [NO_WEBDRIVER_FEATURE]
+        for a in self.extra_args:
+            if a.startswith("--disable-blink-features="):
+                disabled += [f for f in a.split("=", 1)[1].split(",") if f and f not in disabled]
+            elif a not in args:
+                args.append(a)
+        args += [f"--disable-blink-features={','.join(disabled)}", "about:blank"]
+        loop = asyncio.get_running_loop()
+        log_path = os.path.join(self.profile, "browser.log")
+        if self.transport == "pipe":
+            await self.launch_pipe(loop, args, log_path)
+        else:
+            await self.launch_port(loop, args, log_path)
+        self.pid = self.process.pid
+
+    def spawn_process(self, args: list, log_path: str, fd_actions=()) -> BrowserProcess:
+        """Start the browser in a process group of its own, output to browser.log in the profile.
+        POSIX: posix_spawn, which can place our pipe ends on the browser's fds 3 and 4 (and needs no
+        fork of this process); Windows: subprocess in a new process group."""
+        out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            if os.name != "posix":
+                import subprocess
+                popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                         creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0))
+                return BrowserProcess(popen.pid, popen)
+            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                pid = os.posix_spawn(self.chrome, args, os.environ, setpgroup=0, file_actions=[
+                    (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, out, 2),
+                    *fd_actions])
+            finally:
+                os.close(null)
+            return BrowserProcess(pid)
+        except OSError as exc:
+            raise BrowserError(f"cannot start {self.chrome}: {exc.strerror or exc}") from None
+        finally:
+            os.close(out)
+
+    async def launch_pipe(self, loop, args, log_path) -> None:
+        import fcntl
+        to_browser, from_us = os.pipe()      # the browser reads commands on its fd 3
+        from_browser, to_us = os.pipe()      # and writes answers and events on its fd 4
+        # Copies above 9, so dup2 onto 3 and 4 never meets itself (which would keep close-on-exec).
+        fds = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_browser, to_us)]
+        for fd in (to_browser, to_us):
+            os.close(fd)
+        try:
+            self.process = self.spawn_process(args, log_path, [(os.POSIX_SPAWN_DUP2, fds[0], 3),
+                                                               (os.POSIX_SPAWN_DUP2, fds[1], 4)])
+        except BrowserError:
+            os.close(from_us)
+            os.close(from_browser)
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        writer, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(from_us, "wb", 0))
+
+        async def write(text: str) -> None:
+            if writer.is_closing():
+                raise BrowserError("the browser closed its pipe")
+            writer.write(text.encode() + b"\0")
+
+        self.devtools = DevTools(write, self.on_event)
+        reader, _ = await loop.connect_read_pipe(lambda: DevToolsPipeReader(self.devtools),
+                                                 os.fdopen(from_browser, "rb", 0))
+
+        async def close_pipes(devtools=self.devtools):
+            await devtools.closed.wait()
+            writer.close()
+            reader.close()
+        loop.create_task(close_pipes())
+
+    async def launch_port(self, loop, args, log_path) -> None:
+        """Where fds cannot be handed over (Windows): a random port on 127.0.0.1, announced in the
+        profile's DevToolsActivePort. Chrome binds it to loopback and refuses WebSocket handshakes
+        from web pages (Origin check), and the path holds a random id."""
+        from websockets.asyncio.client import connect
+        active = os.path.join(self.profile, "DevToolsActivePort")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(active)
+        self.process = self.spawn_process(args, log_path)
+        end = time.monotonic() + BROWSER_START_SECONDS
+        announced = []
+        while len(announced) < 2 and time.monotonic() < end and not self.process.exited.done():
+            await asyncio.sleep(0.1)
+            with contextlib.suppress(OSError):
+                with open(active, encoding="utf-8") as f:
+                    announced = f.read().split()
+        if len(announced) < 2:
+            raise BrowserError("the browser did not announce its DevTools port")
+        try:
+            ws = await connect(f"ws://127.0.0.1:{int(announced[0])}{announced[1]}", max_size=CDP_MAX_MESSAGE,
+                               ping_interval=None, compression=None)
+        except (OSError, ValueError) as exc:
+            raise BrowserError(f"cannot reach the browser's DevTools port: {exc}") from None
+
+        async def write(text: str) -> None:
+            await ws.send(text)
+
+        self.devtools = DevTools(write, self.on_event)
+
+        async def read(devtools=self.devtools):
+            try:
+                async for text in ws:
+                    devtools.feed(text)
+            except Exception as exc:
+                devtools.lost(f"WebSocket: {exc}")
+            finally:
+                devtools.lost("the browser closed the WebSocket")
+                await ws.close()
+        loop.create_task(read())
+
+    async def close_browser(self) -> None:
+        """Browser.close (the profile is saved as on a normal exit), then SIGTERM, then SIGKILL to the
+        whole process group, so no renderer or helper is left behind. One closing at a time, and a
+        cancelled caller does not cut it short (shielded)."""
+        if self.closing is None or self.closing.done():
+            if self.process is None:
+                return
+            self.closing = asyncio.get_running_loop().create_task(self._close(self.process, self.devtools))
+            self.process = self.devtools = None
+            self.running, self.pid = False, None
+        await asyncio.shield(self.closing)
+
+    async def _close(self, proc: BrowserProcess, devtools: DevTools | None) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if devtools is not None and not proc.exited.done():
+            with contextlib.suppress(BrowserError, OSError):
+                await devtools.call("Browser.close", timeout=1.0)
+        kill = getattr(signal, "SIGKILL", signal.SIGTERM)
+        for sig, wait in ((None, BROWSER_CLOSE_SECONDS), (signal.SIGTERM, 2.0), (kill, 2.0)):
+            if sig is not None:
+                proc.signal_group(sig)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(proc.exited), wait)
+            if proc.exited.done():
+                break
+        proc.signal_group(kill)         # helpers that outlived the browser itself
+        if devtools is not None:
+            devtools.lost("the browser was closed")
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # -- pages --
+    @staticmethod
+    def origin_of(url: str) -> str:
+        u = urllib.parse.urlsplit(url)
+        return f"{u.scheme}://{u.netloc}"
+
+    async def grant(self, origin: str) -> None:
+        """Allow local network access for `origin` (so the page may reach the bridge on 127.0.0.1
+        without a prompt) under every name this browser knows: Chrome 156 checks `loopback-network`
+        for 127.0.0.1 and knows the older `local-network-access` too. Browser.setPermission, not
+        grantPermissions, which would deny every other permission of the origin."""
+        if origin in self.granted or self.devtools is None:
+            return
+        self.granted.add(origin)
+        accepted = []
+        for name in self.permissions if self.permissions is not None else LNA_PERMISSIONS:
+            with contextlib.suppress(BrowserError):
+                await self.devtools.call("Browser.setPermission", {"permission": {"name": name},
+                                                                   "setting": "granted", "origin": origin})
+                accepted.append(name)
+        if self.permissions is None:
+            self.permissions = accepted
+            log.info("browser: local network access granted to LMArena pages (%s)", ", ".join(accepted)
+                     if accepted else "this browser has no such permission: older than Chrome 138, none needed")
+
+    async def open_url(self) -> None:
+        """Send the first page (the about:blank of the command line) to --url once the userscript is
+        in it, or open a new page."""
+        page = next(iter(self.pages.values()), None)
+        if page is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(page.prepared.wait(), CDP_CALL_SECONDS)
+            await self.devtools.call("Page.navigate", {"url": self.url}, page.session)
+        else:
+            await self.devtools.call("Target.createTarget", {"url": self.url})
+
+    def on_event(self, method: str, params: dict, session: str | None) -> None:
+        if method == "Target.attachedToTarget":
+            info = params.get("targetInfo") or {}
+            sid = params.get("sessionId")
+            if info.get("type") == "page" and sid:
+                page = self.pages[sid] = self.Page(info.get("targetId", ""), sid, info.get("url", ""))
+                self.spawn(self.prepare(page, bool(params.get("waitingForDebugger"))))
+            elif sid:
+                self.spawn(self.release(sid))
+        elif method == "Target.detachedFromTarget":
+            self.pages.pop(params.get("sessionId"), None)
+        elif method == "Target.targetInfoChanged":
+            info = params.get("targetInfo") or {}
+            for page in self.pages.values():
+                if page.target_id == info.get("targetId"):
+                    page.url = info.get("url", page.url)
+                    if url_is_lmarena(page.url):
+                        self.spawn(self.grant(self.origin_of(page.url)))
+        elif method == "Target.targetCrashed":
+            for page in list(self.pages.values()):
+                if page.target_id == params.get("targetId"):
+                    page.crashed.set()
+                    self.spawn(self.recover(page, f"crashed ({params.get('status', '?')})"))
+
+    async def prepare(self, page: "BrowserLauncher.Page", waiting: bool) -> None:
+        """The userscript goes in before anything of the page runs: new pages wait until released."""
+        try:
+            # Blink runs new-document scripts only for an enabled Page agent (Page.enable sends us the
+            # page's navigation events; unlike Runtime.enable, nothing of it shows in the page).
+            await self.devtools.call("Page.enable", session=page.session)
+            await self.devtools.call("Page.addScriptToEvaluateOnNewDocument", {"source": self.script}, page.session)
+        except BrowserError as exc:
+            self.fail(f"could not prepare a page: {exc}")
+        finally:
+            page.prepared.set()
+            if waiting and self.devtools is not None:
+                with contextlib.suppress(BrowserError):
+                    await self.devtools.call("Runtime.runIfWaitingForDebugger", session=page.session)
+
+    async def release(self, session: str) -> None:
+        """A target that is not a page (a worker...): let it run and leave it alone."""
+        with contextlib.suppress(BrowserError):
+            await self.devtools.call("Runtime.runIfWaitingForDebugger", session=session)
+            await self.devtools.call("Target.detachFromTarget", {"sessionId": session})
+
+    async def watch_pages(self) -> None:
+        """Every ping_interval: each LMArena page must evaluate `1` within ping_timeout; no page at
+        all (the last tab was closed, on systems where the browser stays open): open --url again."""
+        while True:
+            await asyncio.sleep(self.ping_interval)
+            if not self.pages:
+                log.info("browser: no page is open; opening %s", self.url)
+                with contextlib.suppress(BrowserError):
+                    await self.devtools.call("Target.createTarget", {"url": self.url})
+                continue
+            for page in list(self.pages.values()):
+                if url_is_lmarena(page.url) and not page.busy:
+                    self.spawn(self.ping(page))
+
+    async def ping(self, page: "BrowserLauncher.Page") -> None:
+        page.busy = True
+        try:
+            await self.devtools.call("Runtime.evaluate", {"expression": "1", "returnByValue": True},
+                                     page.session, timeout=self.ping_timeout)
+        except BrowserError as exc:
+            if page.session in self.pages and "no answer" in str(exc):
+                await self.unhang(page)
+        finally:
+            page.busy = False
+
+    async def unhang(self, page: "BrowserLauncher.Page") -> None:
+        """A hung renderer would hang a reload too: crash it (Page.crash works from the renderer's IO
+        thread, so it gets through a busy main thread) and let the crash be recovered as any other."""
+        self.fail(f"page {shown(page.url, 80)} hangs (no answer within {self.ping_timeout:g} s): crashing its "
+                  "renderer to reload it")
+        page.crashed.clear()
+        page.hung = True
+        with contextlib.suppress(BrowserError):
+            await self.devtools.call("Page.crash", session=page.session, timeout=PAGE_RELOAD_SECONDS)
+        try:
+            await asyncio.wait_for(page.crashed.wait(), PAGE_RELOAD_SECONDS)
+        except asyncio.TimeoutError:
+            await self.reopen(page)
+
+    async def recover(self, page: "BrowserLauncher.Page", why: str) -> None:
+        """Reload a crashed page; if the browser does not take the reload, close it and open it anew."""
+        self.page_reloads += 1
+        if page.hung:
+            page.hung = False
+            log.info("browser: reloading the page that hung")
+        else:
+            self.fail(f"page {shown(page.url, 80)} {why}: reloading it")
+        try:
+            await self.devtools.call("Page.reload", session=page.session, timeout=PAGE_RELOAD_SECONDS)
+        except BrowserError:
+            await self.reopen(page)
+
+    async def reopen(self, page: "BrowserLauncher.Page") -> None:
+        url = page.url if url_is_lmarena(page.url) else self.url
+        log.warning("browser: closing page %s and opening it again", shown(url, 80))
+        with contextlib.suppress(BrowserError):
+            await self.devtools.call("Target.closeTarget", {"targetId": page.target_id})
+        with contextlib.suppress(BrowserError):
+            await self.devtools.call("Target.createTarget", {"url": url})
+
+
+def browser_check(b: dict) -> tuple[bool, str, str, str]:
+    """doctor's line for the launched browser (from BrowserLauncher.state())."""
+    facts = (f"{b.get('version') or b.get('path')}, pid {b.get('pid')}, profile {b.get('profile')}, "
+             f"{b.get('restarts', 0)} restart(s), {b.get('page_reloads', 0)} page reload(s)")
+    if b.get("running"):
+        return True, "browser", facts + (f"; last: {b['last_error']}" if b.get("last_error") else ""), ""
+    return (False, "browser", f"not running ({b.get('last_error') or 'starting'}); {facts}",
+            "see the bridge's log and browser.log in the profile folder; check --chrome, and that no other "
+            "browser uses that profile")
+
+
+def browser_section(b: dict | None) -> str:
+    """The status page's lines on the launched browser (nothing without `--browser`)."""
+    if not b:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in b.items())
+    return f"<h2>Browser</h2><table>{rows}</table>"
+
+
+def browser_or_exit(given: str | None) -> str:
+    """The browser to start, checked before anything else is done: a missing one is one line on
+    stderr and exit 1."""
+    try:
+        return find_browser(given)
+    except BrowserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def launcher_from_args(args, files: UserFiles, chrome: str, tab_url: str | None) -> BrowserLauncher:
+    """The launcher the command line asks for (`browser`, or serve with `--browser`)."""
+    profile = args.profile or os.path.join(os.path.dirname(os.path.abspath(files.config_path)), BROWSER_PROFILE_NAME)
+    return BrowserLauncher(chrome, profile, args.url or BROWSER_DEFAULT_URL,
+                           tab_socket_url(args.bridge) if args.bridge else tab_url,
+                           headless=args.headless, extra_args=args.browser_arg or ())
+
+
+def add_browser_options(p: argparse.ArgumentParser, serving: bool) -> None:
+    if serving:
+        p.add_argument("--browser", action="store_true", help="also start a browser of its own with the "
+                                                              "userscript in its LMArena pages (options below)")
+        p.add_argument("--bridge", help="URL the browser's pages use to reach this bridge (default: where it "
+                                        "listens)")
+    p.add_argument("--chrome", metavar="PATH", help=f"Chrome, Chromium or Edge to start (default: ${BROWSER_ENV}, "
+                                                    "else the first found on the usual paths)")
+    p.add_argument("--profile", metavar="DIR", help="the browser's own profile folder (default: "
+                                                    f"{BROWSER_PROFILE_NAME} beside the config); your LMArena "
+                                                    "login is kept there")
+    p.add_argument("--url", help=f"page to open (default {BROWSER_DEFAULT_URL})")
+    p.add_argument("--headless", action="store_true", help="no window (log in once without it first)")
+    p.add_argument("--browser-arg", action="append", metavar="ARG",
+                   help="one more command-line argument for the browser, as --browser-arg=--flag (repeatable)")
+
+
+async def run_browser(launcher: BrowserLauncher) -> None:
+    """`python bridge.py browser`: mind the browser until SIGINT/SIGTERM, then close it."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await launcher.start()
+    try:
+        await stop.wait()
+    finally:
+        await launcher.stop()
+
+
+def cmd_browser(args) -> int:
+    chrome = browser_or_exit(args.chrome)
+    files = load_files(args.config, quiet=True)
+    launcher = launcher_from_args(args, files, chrome, tab_socket_url(bridge_base(files.config, None)))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    set_log_level(files.config.log_level)
+    print(f"LMArena Bridge browser: {launcher.chrome}, profile {launcher.profile}; its LMArena pages use the "
+          f"bridge at {launcher.tab_url}", flush=True)
+    asyncio.run(run_browser(launcher))
+    return 0
+
+
+# 23. Command line =================================================================================
+
+SUBCOMMANDS = ("serve", "capture", "models", "update", "doctor", "browser")
 USAGE_EPILOG = """commands:
   (none) / serve   run the bridge (the default)
   capture          capture session ids from your next Retry click (advanced: captured sessions)
   models           list the models in models.json
   update           install a newer version from update_url
   doctor           check every link from the bridge to LMArena; --send MODEL also sends a tiny prompt
+  browser          start a browser of its own with the userscript in its LMArena pages (--browser: serve too)
 Options may follow the command. Exit codes: 0 done, 1 could not do it, 2 bad usage or broken file.
 Run `python bridge.py COMMAND --help` for a command's options."""
 
@@ -6847,8 +7626,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "serve":
         p.add_argument("--host", help="address to listen on (default: config host, 127.0.0.1)")
         p.add_argument("--port", type=int, help="port (default: config port, 5102; 0 takes a free one)")
-    if command in ("capture", "doctor"):
+        add_browser_options(p, serving=True)     # the browser launcher
+    if command in ("capture", "doctor", "browser"):
         p.add_argument("--bridge", help="URL of the running bridge (default http://{host}:{port} of the config)")
+    if command == "browser":
+        add_browser_options(p, serving=False)    # the browser launcher
     if command == "capture":
         p.add_argument("--mode", choices=("direct_chat", "battle"),
                        help="how the captured session is used: one model (direct_chat) or one side of a "
@@ -7070,8 +7852,9 @@ def cmd_update(args) -> int:
     return run_update(files)
 
 
-async def serve(files: UserFiles, host: str | None, port: int | None) -> bool:
-    """Run until SIGINT/SIGTERM (returns False) or an idle restart (returns True)."""
+async def serve(files: UserFiles, host: str | None, port: int | None, launcher=None) -> bool:
+    """Run until SIGINT/SIGTERM (returns False) or an idle restart (returns True); with a browser
+    launcher (`--browser`), start it once listening and close it first on the way out."""
     bridge = Bridge(files, host, port)
     try:
         await bridge.start()
@@ -7084,8 +7867,14 @@ async def serve(files: UserFiles, host: str | None, port: int | None) -> bool:
             loop.add_signal_handler(sig, bridge.exit_event.set)
     print(f"LMArena Bridge {VERSION} listening on {bridge.url} (API: {bridge.url}/v1, "
           f"status page: {bridge.url}/, tabs: ws://{bridge.url[7:]}/ws)", flush=True)
+    if launcher is not None:                     # the browser launcher
+        launcher.tab_url = launcher.tab_url or local_tab_url(bridge.host, bridge.port)
+        bridge.browser = launcher
+        await launcher.start()
     await bridge.exit_event.wait()
     log.info("shutting down" if not bridge.restart_requested else "restarting")
+    if launcher is not None:                     # the browser launcher
+        await launcher.stop()
     await bridge.stop()
     return bridge.restart_requested
 
@@ -7097,7 +7886,8 @@ def main(argv: list[str] | None = None) -> int:
         if a in SUBCOMMANDS:
             command = argv.pop(i)
             break
-        if not a.startswith("-") and (i == 0 or argv[i - 1] not in ("--config", "--host", "--port", "--bridge")):
+        if not a.startswith("-") and (i == 0 or argv[i - 1] not in ("--config", "--host", "--port", "--bridge",
+                                                                     "--chrome", "--profile", "--url")):
             print(f"error: unknown command {a!r}; use one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
             return 2
     args = build_parser(command).parse_args(argv)
@@ -7109,10 +7899,14 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_update(args)
     if command == "doctor":
         return cmd_doctor(args)
+    if command == "browser":                     # the browser launcher
+        return cmd_browser(args)
+    chrome = browser_or_exit(args.chrome) if args.browser else None  
     files = load_files(args.config)
+    launcher = launcher_from_args(args, files, chrome, None) if args.browser else None
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     set_log_level(files.config.log_level)
-    restart = asyncio.run(serve(files, args.host, args.port))
+    restart = asyncio.run(serve(files, args.host, args.port, launcher))
     if restart:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -203,8 +203,13 @@ class JobWithoutSockets(unittest.TestCase):
             self.noted.append(err.code)
 
     class Plan:
+        path = "/nextjs-api/stream/create-evaluation"
+
         def task_message(self, rid, flags):
             return json.dumps({"request_id": rid, "flags": flags})
+
+        def explain(self, err):
+            return err
 
     def test_tab_messages_to_events_and_reply(self):
         """Rows become text and reasoning events; the finish ends the job; a Reply renders them."""
