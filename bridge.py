@@ -83,7 +83,7 @@ Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: b
     15. The tab link                                  309  one userscript tab over WebSocket (Sans-I/O websockets)
     16. The tab pool                                  305  picking tabs, assigning and retrying jobs, rests, pings
     17. HTTP connection driver                        483  asyncio protocol: requests in, answers and streams out
-    18. Diagnosis                                     151  doctor's checks and the status page (pure)
+    18. Diagnosis                                     152  doctor's checks and the status page (pure)
     19. Routes                                        465  the HTTP API: one method per endpoint
     20. The bridge                                    350  the server: lifecycle, capture, stats, health, tab reports
     21. Updates and image downloads                    83  blocking; run in threads or from the command line
@@ -5881,7 +5881,8 @@ def doctor_checks(health: dict) -> list[tuple[bool | None, str, str, str]]:
     age = time.time() - at if isinstance(at, (int, float)) else None
     source = {"catalog": "the site's model catalog", "page": "the page's data",
               "text/direct": "the /text/direct page"}.get(str(health.get("models_source") or ""), "the page")
-    add((models > 0, "models", f"{models} known, list from {source} {_age(age)}",
+    add((models > 0, "models", f"{models} known, " + (f"list from {source} {_age(age)}" if age is not None
+                                                      else "no list reported by a tab yet"),
          "" if models else "open https://arena.ai/text/direct in the tab so it reports the model list"))
     browser = health.get("browser")            # the browser launcher, only when launched
     if isinstance(browser, dict) and browser:

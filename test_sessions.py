@@ -1074,3 +1074,11 @@ class RecordedSite(unittest.TestCase):
             self.assertEqual(outcome([data[:k], data[k:]]), whole, k)
         b_events, _ = feed_parser([text], "b")
         self.assertNotIn(want_text[:200], "".join(e[2] for e in b_events if e[0] == "text"))
+
+    def test_doctor_says_where_the_model_list_came_from(self):
+        checks = {name: (ok, detail) for ok, name, detail, _ in bridge.doctor_checks({"models": 0})}
+        self.assertEqual(checks["models"], (False, "0 known, no list reported by a tab yet"))
+        checks = {name: (ok, detail) for ok, name, detail, _ in bridge.doctor_checks(
+            {"models": 357, "models_source": "catalog", "models_reported_at": time.time() - 120})}
+        self.assertTrue(checks["models"][0])
+        self.assertIn("357 known, list from the site's model catalog", checks["models"][1])
