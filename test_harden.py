@@ -634,6 +634,67 @@ class RetryModeHistory(BridgeCase):
         self.assertEqual([m.get("content") for m in sent], ["Be brief.", "the prompt"])
 
 
+
+class LearnedShapes(BridgeCase):
+    """A tab cannot break every request, across restarts, with a learned request shape."""
+
+    def deep(self, n):
+        value = 1
+        for _ in range(n):
+            value = {"a": value}
+        return value
+
+    def test_500_deep_report_is_not_used_or_saved(self):
+        tab = self.h.tab()
+        raw = '{"type": "request_shape", "endpoint": "create-evaluation", "body": {"sessionContext": ' \
+              + '{"a":' * 500 + '1' + '}' * 500 + '}}'
+        self.h.run(tab.ws.send(raw))
+        self.h.run(tab.send({"type": "status", "marker": 1}))
+        self.h.wait(lambda: self.h.bridge.pool.tabs[0].status.get("marker") == 1)
+        self.assertIsNone(self.h.bridge.files.shape)
+        self.assertFalse(os.path.exists(os.path.join(self.h.dir, "request_shape.json")))
+        self.assertEqual(self.h.ask().choices[0].message.content, "Hello world!")
+
+    def test_bad_saved_file_is_ignored_with_a_log_line(self):
+        path = os.path.join(self.h.dir, "request_shape.json")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write('{"learned_at": 1, "endpoint": "create-evaluation", "body": {"sessionContext": '
+                    + '{"a":' * 500 + '1' + '}' * 500 + '}}')
+        files = bridge.UserFiles(self.h.config_path)      # as after a restart: read from disk
+        files.load_all(report=lambda m: None)
+
+        async def start():
+            b = bridge.Bridge(files, "127.0.0.1", 0)
+            await b.start()
+            return b
+        with self.assertLogs(bridge.log, "WARNING") as logs:
+            b = self.h.run(start())
+        self.assertIsNone(files.shape)
+        self.assertTrue(any("request_shape.json" in line for line in logs.output), logs.output)
+        self.addCleanup(lambda: self.h.run(b.stop(grace=0)))
+        import openai
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{b.port}/v1", api_key="x", max_retries=0, timeout=20)
+        self.addCleanup(client.close)
+        import websockets
+
+        async def tab_and_ask():
+            ws = await websockets.connect(f"ws://127.0.0.1:{b.port}/ws", origin="https://lmarena.ai")
+
+            async def play():
+                async for msg in ws:
+                    m = json.loads(msg)
+                    if "payload" in m:
+                        for item in lines("ok") + ["[DONE]"]:
+                            await ws.send(json.dumps({"request_id": m["request_id"], "data": item}))
+            return ws, asyncio.get_running_loop().create_task(play())
+        import asyncio
+        ws, task = self.h.run(tab_and_ask())
+        self.addCleanup(lambda: self.h.run(ws.close()))
+        self.h.wait(lambda: b.pool.tabs)
+        r = client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(r.choices[0].message.content, "ok")
+
+
 if __name__ == "__main__":
     unittest.main()
 
