@@ -3,7 +3,6 @@
 Real bridges on 127.0.0.1:0 (testsupport.Harness), fake tabs, raw HTTP and the SDKs.
 Run: python -m unittest -v test_harden
 """
-import io
 import json
 import os
 import random
