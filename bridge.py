@@ -66,7 +66,7 @@ Limits and timeouts (Config fields; config.jsonc keys; defaults)
     max_pending_output_bytes 8 MiB, max_answer_chars 64 Mi, ws_ping_interval_seconds 20,
     ws_ping_timeout_seconds 20, token_ready_seconds 600: see Config
 Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: banners `# N. Title ===`)
-    1. Constants and limits                            73  names, sizes, the JSON scanners every layer uses
+    1. Constants and limits                            77  names, sizes, the JSON scanners every layer uses
     2. Configuration and the user files               378  Config; UserFiles: read when changed, written by the bridge
     3. Atomic, comment-keeping writes of user files   153  JSONC edits that keep comments, written atomically
     4. Errors and JSON                                 96  ApiError (what a client sees), field checks, strict JSON
@@ -88,7 +88,7 @@ Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: b
     20. The bridge                                    350  the server: lifecycle, capture, stats, health, tab reports
     21. Updates and image downloads                    83  blocking; run in threads or from the command line
     22. Browser launcher (DevTools protocol)          770  python bridge.py --browser: its own Chrome, minded
-    23. Command line                                  317  serve, doctor, capture, models, update
+    23. Command line                                  332  serve, doctor, capture, models, update
 """
 from __future__ import annotations
 
@@ -103,6 +103,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import errno
 import hashlib
 import hmac
 import html
@@ -141,6 +142,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 CONFIG_NAME, MODELS_NAME, MAP_NAME = "config.jsonc", "models.json", "model_endpoint_map.json"
+# The documented settings as shipped. Your own config.jsonc (like models.json and the other files the
+# bridge writes) is not in version control, so `git pull` never conflicts with it: the first run
+# makes it from this example.
+EXAMPLE_CONFIG_NAME = "config.example.jsonc"
 
 
 SHAPE_NAME = "request_shape.json"      # what the tab learned of LMArena's request shape (learned_shape)
@@ -7656,7 +7661,18 @@ def load_files(config_path: str | None, quiet: bool = False) -> UserFiles:
     if config_path is not None and not os.path.exists(config_path):
         print(f"error: {config_path} does not exist (check --config)", file=sys.stderr)
         raise SystemExit(2)
-    files = UserFiles(config_path or os.path.join(HERE, CONFIG_NAME))
+    if config_path is None:
+        config_path = os.path.join(HERE, CONFIG_NAME)
+        example = os.path.join(HERE, EXAMPLE_CONFIG_NAME)
+        if not os.path.exists(config_path) and os.path.exists(example):
+            try:
+                with open(example, encoding="utf-8") as f:
+                    atomic_write(config_path, f.read())
+                print(f"note: made {CONFIG_NAME} from {EXAMPLE_CONFIG_NAME} (edit it; it is yours)",
+                      file=sys.stderr)
+            except OSError as exc:
+                print(f"note: could not make {CONFIG_NAME} from {EXAMPLE_CONFIG_NAME}: {exc}", file=sys.stderr)
+    files = UserFiles(config_path)
     try:
         files.load_all(report=(lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr)))
     except ConfigError as exc:
@@ -7863,7 +7879,11 @@ async def serve(files: UserFiles, host: str | None, port: int | None, launcher=N
     try:
         await bridge.start()
     except OSError as exc:
-        print(f"error: cannot listen on {bridge.host}:{bridge.port}: {exc.strerror or exc}", file=sys.stderr)
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = (f" (another program, perhaps a bridge already running, uses port {bridge.port}: stop it, "
+                    "or start this one with --port N and point the tab at it)")
+        print(f"error: cannot listen on {bridge.host}:{bridge.port}: {exc.strerror or exc}{hint}", file=sys.stderr)
         raise SystemExit(1)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

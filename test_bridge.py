@@ -52,7 +52,7 @@ from websockets.frames import Frame, Opcode
 import bridge
 
 
-from testsupport import (BridgeCase, FakeTab, FileServer, HERE, Harness, IMAGE_UUID, MID, MID2, MODELS,
+from testsupport import (BridgeCase, FakeTab, FileServer, HERE, Harness, IMAGE_UUID, MID, MID2, MODELS, SHIPPED_CONFIG,
     MODEL_UUID, PNG_B64, SID, SID2, answer_capture, chat, close_with_reset, dechunk, get_req, lines,
     non_loopback_ip, padded_head, parse_all, post_req, read_responses, run_cli, split_response, sse_events,
     templates, ws_connect)
@@ -462,7 +462,7 @@ class ConfigDefaults(unittest.TestCase):
 
     def test_defaults_equal_the_shipped_config(self):
         """Every key the shipped config.jsonc sets has the built-in default as its value."""
-        path = os.path.join(HERE, "config.jsonc")
+        path = SHIPPED_CONFIG
         with open(path, encoding="utf-8") as f:
             shipped = bridge.parse_json_file(path, f.read())
         defaults = bridge.Config()
@@ -2280,9 +2280,9 @@ class Update(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="bridge-update-")
         self.addCleanup(shutil.rmtree, self.dir, True)
-        shutil.copy(os.path.join(HERE, "bridge.py"), self.dir)
-        for name in ("userscript.js", "config.jsonc"):
+        for name in ("bridge.py", "userscript.js"):
             shutil.copy(os.path.join(HERE, name), self.dir)
+        shutil.copy(SHIPPED_CONFIG, os.path.join(self.dir, "config.jsonc"))
 
     def serve(self, new_bridge: bytes, sha: str | None = None, version="99.0.0"):
         manifest = {"version": version, "files": {
@@ -2345,7 +2345,7 @@ class StartupAndRestart(unittest.TestCase):
         d = tempfile.mkdtemp(prefix="bridge-cli-")
         self.addCleanup(shutil.rmtree, d, True)
         path = os.path.join(d, "config.jsonc")
-        with open(os.path.join(HERE, "config.jsonc"), encoding="utf-8") as f:
+        with open(SHIPPED_CONFIG, encoding="utf-8") as f:
             text = f.read()
         settings = {"session_id": SID, "message_id": MID}
         settings.update(config or {})
@@ -2357,6 +2357,41 @@ class StartupAndRestart(unittest.TestCase):
         self.addCleanup(p.stdout.close)
         self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait(10)))
         return p, d
+
+    def test_first_run_makes_config_from_the_example(self):
+        """Your config.jsonc is not in version control (git pull never conflicts with it): the first
+        run makes it from config.example.jsonc beside bridge.py, comments and all; later runs keep it."""
+        d = tempfile.mkdtemp(prefix="bridge-first-run-")
+        self.addCleanup(shutil.rmtree, d, True)
+        for name in ("bridge.py", "config.example.jsonc"):
+            shutil.copy(os.path.join(HERE, name), d)
+        r = run_cli("models", script=os.path.join(d, "bridge.py"), cwd=d)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("made config.jsonc from config.example.jsonc", r.stderr)
+        with open(os.path.join(d, "config.jsonc"), encoding="utf-8") as f, open(SHIPPED_CONFIG, encoding="utf-8") as g:
+            self.assertEqual(f.read(), g.read())
+        with open(os.path.join(d, "config.jsonc"), "a", encoding="utf-8") as f:
+            f.write("// mine\n")
+        r = run_cli("models", script=os.path.join(d, "bridge.py"), cwd=d)
+        self.assertNotIn("made config.jsonc", r.stderr)
+        with open(os.path.join(d, "config.jsonc"), encoding="utf-8") as f:
+            self.assertTrue(f.read().endswith("// mine\n"))
+        with open(os.path.join(HERE, ".gitignore"), encoding="utf-8") as f:
+            ignored = f.read().split()
+        for name in ("config.jsonc", "models.json", "model_endpoint_map.json", "request_shape.json"):
+            self.assertIn(name, ignored)
+
+    def test_port_in_use_suggests_another_bridge_or_port(self):
+        """A taken port is one line saying another program (perhaps a bridge) has it, and --port."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            r = run_cli("--config", SHIPPED_CONFIG, "--port", str(port), timeout=30)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn(f"cannot listen on 127.0.0.1:{port}", r.stderr)
+        self.assertIn("perhaps a bridge already running", r.stderr)
+        self.assertIn("--port", r.stderr)
 
     def listening(self, p, timeout=20):
         """The port from the "listening on" line, read within `timeout` seconds (else the process

@@ -21,14 +21,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import unittest
 import urllib.request
 
 import openai
 
 import bridge
-from testsupport import (ANSWER, CHROMIUM, HERE, LNA_PERMISSION, Harness, StandIn, chromium_args,
+from testsupport import (ANSWER, CHROMIUM, HERE, LNA_PERMISSION, SHIPPED_CONFIG, Harness, StandIn, chromium_args,
                          make_certificate, wait_until)
 
 SKIP_REASON = "Chromium is not installed (apt-get install chromium)"
@@ -126,7 +125,7 @@ class BrowserCommand(unittest.TestCase):
     def setUpClass(cls):
         cls.dir = tempfile.mkdtemp(prefix="bridge-browser-")
         cls.config = os.path.join(cls.dir, "config.jsonc")
-        with open(os.path.join(HERE, "config.jsonc"), encoding="utf-8") as f:
+        with open(SHIPPED_CONFIG, encoding="utf-8") as f:
             shipped = f.read()
         with open(cls.config, "w", encoding="utf-8") as f:
             f.write(bridge.jsonc_update(shipped, {"port": 0, "log_level": "info"}))

@@ -33,6 +33,7 @@ routed_model rows and a long two-lane capture (see StandIn's docstring for the s
 import json
 import os
 import re
+import socket
 import threading
 import time
 import unittest
@@ -777,6 +778,35 @@ class LocalNetworkAccess(unittest.TestCase):
         version = re.search(r"@version\s+(\S+)", w.script).group(1)
         w.wait(lambda: [t.version for t in harness.bridge.tabs] == [version], 5, "the hello of the allowed tab")
 
+
+    def test_test_pages_never_reach_the_users_bridge(self):
+        """A bridge the user runs on 5102 is never touched by the tests: their pages cannot open it."""
+        got = world().page.evaluate("""() => { try { new WebSocket('ws://127.0.0.1:5102/ws'); return 'opened'; }
+                                              catch (e) { return String(e.message); } }""")
+        self.assertEqual(got, "the tests never connect to port 5102")
+
+    def test_wrong_port_is_not_called_a_local_network_refusal(self):
+        """With local network access granted, a socket that fails at once means nothing listens there
+        (a wrong port): no "⛔ " in the title, and the console says to check the port, not to allow
+        local network access."""
+        w = world()
+        with socket.socket() as s:                  # a port nothing listens on once closed
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        context = w.browser.new_context(ignore_https_errors=True)
+        self.addCleanup(context.close)
+        context.grant_permissions([LNA_PERMISSION], origin=ORIGIN)
+        context.add_init_script(f"localStorage.setItem('lmarena-bridge-url', 'ws://127.0.0.1:{port}/ws');")
+        context.add_init_script(w.script)
+        console = []
+        page = context.new_page()
+        page.on("console", lambda m: console.append(m.text))
+        page.goto(ORIGIN + "/")
+        w.wait(lambda: page.evaluate("1") and "nothing answers there" in "\n".join(console), 20,
+               "the wrong-port advice", console)
+        self.assertEqual(page.title(), "LMArena")
+        self.assertNotIn("Local network access", "\n".join(console))
+        self.assertIn(f":{port}/ws", "\n".join(console))
 
 if __name__ == "__main__":
     unittest.main()

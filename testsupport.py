@@ -63,6 +63,7 @@ except ImportError:  # pragma: no cover - CI installs it
     sync_playwright = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SHIPPED_CONFIG = os.path.join(HERE, "config.example.jsonc")     # the documented settings, as shipped
 SID = "0198c5a1-1111-7aaa-8bbb-123456789abc"
 MID = "0198c5a1-2222-7aaa-8bbb-123456789abc"
 SID2 = "0198c5a1-3333-7aaa-8bbb-123456789abc"
@@ -194,7 +195,7 @@ class Harness:
     def __init__(self, config=None, models=None, endpoint_map=None, raw_config=None, overrides=None):
         self.dir = tempfile.mkdtemp(prefix="bridge-test-")
         self.config_path = os.path.join(self.dir, "config.jsonc")
-        with open(os.path.join(HERE, "config.jsonc"), encoding="utf-8") as f:
+        with open(SHIPPED_CONFIG, encoding="utf-8") as f:
             shipped = f.read()
         settings = {"session_id": SID, "message_id": MID, "log_level": "error"}
         settings.update(config or {})
@@ -1531,6 +1532,19 @@ def chromium_args(port: int) -> list:
             f"--ip-address-space-overrides=127.0.0.1:{port}=public"]
 
 
+# Tests touch only what they start: a page of the tests may never open a socket to the port a bridge
+# the user runs listens on (5102 by default), whatever its script falls back to.
+NEVER_THE_USERS_BRIDGE = """(() => {
+  const Native = window.WebSocket;
+  window.WebSocket = function (url, protocols) {
+    if (/:5102(\\/|$)/.test(String(url))) throw new Error('the tests never connect to port 5102');
+    return protocols === undefined ? new Native(url) : new Native(url, protocols);
+  };
+  window.WebSocket.prototype = Native.prototype;
+  for (const k of ['CONNECTING', 'OPEN', 'CLOSING', 'CLOSED']) window.WebSocket[k] = Native[k];
+})();"""
+
+
 class World:
     """One stand-in, one Chromium, a bridge with the shipped configuration and a tab connected to it
     with local network access granted, and (for LocalNetworkAccess) a second bridge whose tab is in a
@@ -1569,6 +1583,7 @@ class World:
         if grant:
             context.grant_permissions([LNA_PERMISSION], origin=ORIGIN)
         context.add_init_script(f"localStorage.setItem('lmarena-bridge-url', 'ws://127.0.0.1:{harness.port}/ws');")
+        context.add_init_script(NEVER_THE_USERS_BRIDGE)
         context.add_init_script(self.script)
         return context
 

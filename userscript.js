@@ -149,6 +149,7 @@
     reconnectTimer: null,
     quickFailures: 0, // sockets in a row that closed at once without opening
     blocked: false, // "⛔ ": failing like a local-network-access refusal
+    unreachable: false, // failing at once although local network access is granted: a wrong port
     // Id capture
     captureArmed: false,
     capture: null, // {mode, battle_target} of the armed capture
@@ -327,6 +328,7 @@
       state.attempt = 0;
       state.quickFailures = 0;
       state.blocked = false;
+      state.unreachable = false;
       log('connected to the bridge at', bridgeUrl());
       state.siteRules = null; // this bridge may be older: legacy rules until it sends its own
       send({ type: 'hello', version: VERSION, url: location.href });
@@ -357,8 +359,11 @@
       } else {
         state.quickFailures = 0;
         state.blocked = false; // failing differently now: "⛔ " no longer applies
+        state.unreachable = false;
       }
-      if (state.quickFailures >= CONFIG.quickFailuresForHint && !state.blocked) explainBlockedSocket();
+      if (state.quickFailures >= CONFIG.quickFailuresForHint && !state.blocked && !state.unreachable) {
+        explainBlockedSocket();
+      }
       renderTitle();
       scheduleReconnect();
     };
@@ -393,9 +398,15 @@
     const permission = await withTimeout(localNetworkPermission(), 1000, 'permission query').catch(() => null);
     const url = bridgeUrl();
     if (permission === 'granted') {
-      warn('⛔ Cannot reach the bridge at ' + url + ' (every attempt fails at once), although this ' +
-        'site may use the local network. Start the bridge (python bridge.py) and check its port; ' +
-        'this tab keeps retrying.');
+      // Not a local-network-access refusal: nothing listens there (a wrong port, or no bridge). The
+      // title shows no "⛔ " then, since its advice (allow local network access) would be wrong.
+      state.blocked = false;
+      state.unreachable = true;
+      renderTitle();
+      warn('Cannot reach the bridge at ' + url + ' (every attempt fails at once), although this ' +
+        'site may use the local network: nothing answers there. Start the bridge (python bridge.py) ' +
+        'and check that its port matches (localStorage "lmarena-bridge-url" sets another); this tab ' +
+        'keeps retrying.');
       return;
     }
     warn('⛔ Cannot reach the bridge at ' + url + ': every attempt fails at once' +
