@@ -72,7 +72,7 @@ Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: b
     6. LMArena: requests, models and errors           522  the site's request bodies, model list, refusals, retries
     7. LMArena: the response stream                   504  three stream dialects -> text, reasoning, images, finish
     8. The conversation                               270  one value for every client API; transcript; fingerprints
-    9. Tools in the prompt, and calls read back       405  tools described for the model; calls and stops in its text
+    9. Tools in the prompt, and calls read back       434  tools described for the model; calls and stops in its text
     10. Replies                                       137  answer events -> a client API's output (base class)
     11. OpenAI chat completions                       398  /v1/chat/completions: request and answer translations
     12. Anthropic Messages                            476  /v1/messages (and count_tokens): request and answer
@@ -2433,6 +2433,7 @@ def tool_spec(tools: list, choice: str, parallel: bool, legacy: bool = False,
 _SCHEMA_NOISE = frozenset(("$schema", "$id", "additionalProperties", "title", "examples", "$comment",
                            "strict", "unevaluatedProperties", "propertyNames"))
 SCHEMA_MAX_DEPTH = 8                  # deeper parts of a schema are summarised as "object"
+SCHEMA_MAX_CHARS = 1_000_000          # argument lines of one request's tools at most (schema_lines)
 
 
 def _one_line(text: str) -> str:
@@ -2448,6 +2449,8 @@ def _schema_type(schema: dict, defs: dict, depth: int) -> str:
     for key in ("anyOf", "oneOf"):
         options = schema.get(key)
         if isinstance(options, list) and options:
+            if depth >= 2:              # nested choices (8 options each) would multiply: say it in words
+                return "one of several types"
             return "one of: " + " | ".join(_schema_type(o, defs, depth + 1) if isinstance(o, dict) else "?"
                                            for o in options[:8])
     kind = schema.get("type")
@@ -2456,7 +2459,7 @@ def _schema_type(schema: dict, defs: dict, depth: int) -> str:
     elif not isinstance(kind, str):
         kind = "object" if "properties" in schema else ("any" if "enum" not in schema else "value")
     if kind == "array" and isinstance(schema.get("items"), dict):
-        kind = "array of " + _schema_type(schema["items"], defs, depth + 1)
+        kind = "array" if depth >= SCHEMA_MAX_DEPTH else "array of " + _schema_type(schema["items"], defs, depth + 1)
     return kind
 
 
@@ -2477,26 +2480,43 @@ def _schema_facts(schema: dict) -> str:
     return "; ".join(facts)
 
 
-def schema_lines(schema, defs: dict | None = None, indent: str = "", depth: int = 0) -> list[str]:
+def schema_defs(schema: dict) -> dict:
+    """The named subschemas a `$ref` may point at ($defs and definitions; objects only)."""
+    return {k: v for key in ("$defs", "definitions") if isinstance(schema.get(key), dict)
+            for k, v in schema[key].items() if isinstance(v, dict)}
+
+
+def schema_lines(schema, defs: dict | None = None, indent: str = "", depth: int = 0,
+                 budget: list | None = None, path: tuple = ()) -> list[str]:
     """An object schema as one line per parameter: `- name (type, required): description; facts`,
-    nested objects indented. Every parameter, type, enum and required flag stays; JSON noise goes."""
+    nested objects indented. Every parameter, type, enum and required flag stays; JSON noise goes.
+    A `$ref` is expanded where it is used, but never inside itself; `budget` ([characters left],
+    shared by all the tools of a request) stops the lines there: a few hundred bytes of $refs that
+    fan out would otherwise make billions of lines (on the event loop)."""
     if not isinstance(schema, dict):
         return []
-    defs = defs if defs is not None else {**(schema.get("$defs") or {}), **(schema.get("definitions") or {})}
+    top = budget is None
+    if top:
+        budget = [SCHEMA_MAX_CHARS]
+    defs = defs if defs is not None else schema_defs(schema)
     props = schema.get("properties")
     if schema.get("type") == "array" and isinstance(schema.get("items"), dict):
         props = schema["items"].get("properties")
         schema = schema["items"]
     if not isinstance(props, dict):
         return []
-    required = set(schema.get("required") or ()) if isinstance(schema.get("required"), list) else set()
+    required = schema.get("required") if isinstance(schema.get("required"), list) else ()
+    required = {r for r in required if isinstance(r, str)}
     out = []
     for name, sub in props.items():
+        if budget[0] <= 0:
+            break
         if not isinstance(sub, dict):
             sub = {}
-        target = sub
+        target, ref = sub, None
         if isinstance(sub.get("$ref"), str):
-            target = defs.get(sub["$ref"].rsplit("/", 1)[-1], sub)
+            ref = sub["$ref"].rsplit("/", 1)[-1]
+            target = defs.get(ref, sub)
         head = f"{indent}- {name} ({_schema_type(sub, defs, 0)}{', required' if name in required else ''})"
         desc = sub.get("description") or (target.get("description") if target is not sub else None)
         tail = [_one_line(desc)] if isinstance(desc, str) and desc.strip() else []
@@ -2504,13 +2524,19 @@ def schema_lines(schema, defs: dict | None = None, indent: str = "", depth: int 
         if facts:
             tail.append(facts)
         out.append(head + (": " + "; ".join(tail) if tail else ""))
-        if depth < SCHEMA_MAX_DEPTH and isinstance(target, dict):
-            out += schema_lines(target, defs, indent + "  ", depth + 1)
+        budget[0] -= len(out[-1]) + 1
+        if depth < SCHEMA_MAX_DEPTH and ref not in path:
+            out += schema_lines(target, defs, indent + "  ", depth + 1, budget, path + (ref,) if ref else path)
     extra = {k for k in schema if k not in _SCHEMA_NOISE and k not in (
         "type", "properties", "required", "description", "$defs", "definitions", "items")}
     if depth == 0 and "anyOf" in extra | {k for k in schema if k == "oneOf"}:
-        out.append(f"{indent}(the arguments must match one of several shapes: "
-                   f"{_one_line(json_text({k: schema[k] for k in ('anyOf', 'oneOf') if k in schema}))[:400]})")
+        try:
+            shapes = json_text({k: schema[k] for k in ('anyOf', 'oneOf') if k in schema})
+        except (ValueError, RecursionError):
+            shapes = "(too deeply nested to show)"
+        out.append(f"{indent}(the arguments must match one of several shapes: {_one_line(shapes[:2000])[:400]})")
+    if top and budget[0] <= 0:
+        out.append(f"{indent}(further arguments not listed: the schema is too large to describe in full)")
     return out
 
 
@@ -2522,6 +2548,7 @@ def tool_prompt(spec: ToolSpec) -> str:
              "You can call the following tools. Each is listed with its name, what it does, and its "
              "arguments.", ""]
     custom = False
+    budget = [SCHEMA_MAX_CHARS]         # for the argument lines of all the tools together
     for t in spec.tools:
         lines.append(f"## {t.name}")
         if t.description.strip():
@@ -2531,7 +2558,9 @@ def tool_prompt(spec: ToolSpec) -> str:
             lines.append("Input: free-form text (not JSON arguments)" + (
                 ", following this grammar:\n" + t.grammar if t.grammar else "."))
         else:
-            args = schema_lines(t.parameters)
+            args = schema_lines(t.parameters, budget=budget)
+            if budget[0] <= 0:
+                args.append("(further arguments not listed: the tools' schemas are too large to describe in full)")
             lines += ["Arguments:", *args] if args else ["Arguments: none ({})."]
         lines.append("")
     lines += [
@@ -3081,7 +3110,7 @@ def _function_def(fn, field: str) -> tuple:
 
 
 def _choice_name(value, field: str, names: set) -> str:
-    if value not in names:
+    if not isinstance(value, str) or value not in names:
         raise _bad(f"'{field}' names the function {value!r}, which is not in 'tools'.")
     return value
 
@@ -3489,7 +3518,7 @@ def anthropic_turns(raw: list, files: Attachments) -> list:
                 names[call_id] = name
             elif kind == "tool_result" and role == "user":
                 results.append(_anthropic_tool_result(block, sub, files, names))
-            elif kind in _ANTHROPIC_SERVER_BLOCKS and role == "assistant":
+            elif role == "assistant" and isinstance(kind, str) and kind in _ANTHROPIC_SERVER_BLOCKS:
                 continue
             else:
                 raise _bad(f"{sub}.type: {kind!r} blocks are not supported in {role} messages.")
@@ -3549,7 +3578,7 @@ def anthropic_tools(body: dict) -> "ToolSpec | None":
             raise _bad(f"tool_choice.name: {shown(name, 80)} is not one of the request's tools.")
         return tool_spec(offered, name, parallel, field="tool_choice")
     choices = {"auto": "auto", "any": "required", "none": "none"}
-    if kind not in choices:
+    if not isinstance(kind, str) or kind not in choices:
         raise _bad(f"tool_choice.type: must be \"auto\", \"any\", \"tool\" or \"none\" (got {shown(kind, 40)}).")
     return tool_spec(offered, choices[kind], parallel, field="tool_choice")
 
