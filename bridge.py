@@ -71,12 +71,12 @@ Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: b
     5. HTTP/1.1 wire format                           254  pure: request heads, chunked bodies, response heads, SSE
     6. LMArena: requests, models and errors           522  the site's request bodies, model list, refusals, retries
     7. LMArena: the response stream                   504  three stream dialects -> text, reasoning, images, finish
-    8. The conversation                               270  one value for every client API; transcript; fingerprints
+    8. The conversation                               280  one value for every client API; transcript; fingerprints
     9. Tools in the prompt, and calls read back       434  tools described for the model; calls and stops in its text
     10. Replies                                       137  answer events -> a client API's output (base class)
     11. OpenAI chat completions                       398  /v1/chat/completions: request and answer translations
     12. Anthropic Messages                            476  /v1/messages (and count_tokens): request and answer
-    13. OpenAI Responses                              487  /v1/responses: input items, output items, the kept responses
+    13. OpenAI Responses                              513  /v1/responses: input items, output items, the kept responses
     14. Jobs                                          349  one request's attempts on the tabs; the conversation memory
     15. The tab link                                  302  one userscript tab over WebSocket (Sans-I/O websockets)
     16. The tab pool                                  305  picking tabs, assigning and retrying jobs, rests, pings
@@ -2132,9 +2132,11 @@ class Turn:
 
     def fingerprint(self) -> str:
         """What identifies this turn for the continuation memory. An assistant turn is its text plus
-        its calls (arguments canonical), so an answer we returned matches its echo from any client."""
+        its calls (arguments canonical), so an answer we returned matches its echo from any client;
+        its text without whitespace (answer_text_bytes), since clients drop a blank text part, and
+        split or join text parts around the calls."""
         if self.role == "assistant":
-            digest = hashlib.sha256(wire_bytes(self.text)).hexdigest()
+            digest = hashlib.sha256(answer_text_bytes(self.text)).hexdigest()
             return "assistant|" + answer_fingerprint(digest, [(c.name, c.arguments, c.custom)
                                                               for c in self.calls])
         rest = [self.text, [f.get("url") for f in self.files], self.call_id, self.name]
@@ -2151,6 +2153,14 @@ class Conversation:
     stop: tuple = ()                    # stop strings, honoured on our side
     include_usage: bool = False         # OpenAI chat streaming: a usage chunk at the end
     options: object = None              # what one API asks beyond this (ResponsesOptions)
+
+
+def answer_text_bytes(text: str) -> bytes:
+    """An answer's text as the continuation memory compares it: without any whitespace. The same
+    answer comes back from clients as one part or several, a whitespace-only part dropped
+    (non-streaming answers leave it out before a call) or kept (streaming ones send it), parts
+    joined with blank lines (Anthropic text blocks); only the visible characters are sure to stay."""
+    return wire_bytes("".join(text.split()))
 
 
 def check_turn_count(n: int, cfg: Config, what: str = "messages") -> None:
@@ -2871,7 +2881,7 @@ class Reply:
             return
         text = run[0][0] if len(run) == 1 else "".join([t for t, _ in run])
         if self.run_kind == "text":
-            self.answer.update(wire_bytes(text))
+            self.answer.update(answer_text_bytes(text))
             out.append(self.fmt_text(text, run))
         else:
             out.append(self.fmt_reasoning(text))
@@ -2906,7 +2916,7 @@ class Reply:
         if self.stream:
             self._run(out, "text", text, literal)
         else:
-            self.answer.update(wire_bytes(text))
+            self.answer.update(answer_text_bytes(text))
             self.texts.append(text)
 
     def _held(self, out: list) -> None:
@@ -3876,7 +3886,14 @@ def responses_turns(items: list, files: Attachments, earlier: list = ()) -> list
                 raise _bad(f"'{field}.role' must be \"user\", \"assistant\", \"system\" or \"developer\" "
                            f"(got {shown(role, 40)}).")
             text, found = content_to_text(item.get("content"), files, f"{field}.content")
-            turns.append(Turn("system" if role == "developer" else role, text, found))
+            last = turns[-1] if turns else None
+            if role == "assistant" and last is not None and last.role == "assistant":
+                # one answer's items (text after its calls, or around its reasoning): one turn, as
+                # the bridge made them, so a continuation matches (Turn.fingerprint)
+                last.text += text
+                last.files = last.files + found
+            else:
+                turns.append(Turn("system" if role == "developer" else role, text, found))
         elif kind in ("function_call", "custom_tool_call"):
             call_id, name = item.get("call_id"), item.get("name")
             value = item.get("arguments" if kind == "function_call" else "input", "")
@@ -4266,11 +4283,15 @@ class ResponsesReply(Reply):
 class ResponseStore:
     """Responses kept for `previous_response_id` and `GET /v1/responses/{id}`: the most recent
     `limit`, each with the turns that led to it (its input and its answer); `store: false` keeps
-    nothing. Memory is bounded by count and by the prompt size of each kept conversation."""
+    nothing. Memory is bounded by count and by the characters of all kept entries together (texts,
+    attachments' data URLs, call arguments, the answer's items): `max_chars`; an entry larger than
+    half of it is not kept. Entries of one chain share their turns, so this overcounts: older ones
+    go sooner, never more memory."""
 
-    def __init__(self, limit: int = 256, max_chars: int = 8 * 2**20):
+    def __init__(self, limit: int = 256, max_chars: int = 128 * 2**20):
         self.limit, self.max_chars = limit, max_chars
-        self.entries: collections.OrderedDict = collections.OrderedDict()
+        self.entries: collections.OrderedDict = collections.OrderedDict()   # id -> (response, turns, size)
+        self.chars = 0
 
     def turns(self, response_id: str | None) -> list | None:
         if response_id is None:
@@ -4284,12 +4305,27 @@ class ResponseStore:
         self.entries.move_to_end(response_id)
         return list(entry[1])
 
-    def keep(self, response: dict, turns: list, chars: int) -> None:
-        if chars > self.max_chars:
+    @staticmethod
+    def size(response: dict, turns: list) -> int:
+        chars = sum(len(t.text) + sum(len(f.get("url") or "") for f in t.files)
+                    + sum(len(c.arguments) for c in t.calls) for t in turns)
+        for item in response.get("output") or ():
+            chars += sum(len(p.get("text") or "") for p in item.get("content") or item.get("summary") or ())
+            chars += len(item.get("arguments") or item.get("input") or "")
+        return chars
+
+    def keep(self, response: dict, turns: list) -> None:
+        size = self.size(response, turns)
+        if size > self.max_chars // 2:
+            log.info("response %s is not kept for previous_response_id: %d characters", response["id"][:16], size)
             return
-        self.entries[response["id"]] = (response, turns)
-        while len(self.entries) > self.limit:
-            self.entries.popitem(last=False)
+        old = self.entries.pop(response["id"], None)
+        if old is not None:
+            self.chars -= old[2]
+        self.entries[response["id"]] = (response, turns, size)
+        self.chars += size
+        while len(self.entries) > self.limit or self.chars > self.max_chars:
+            self.chars -= self.entries.popitem(last=False)[1][2]
 
     def get(self, response_id: str) -> dict:
         entry = self.entries.get(response_id)
@@ -6099,7 +6135,7 @@ class Routes:
         if options.store:
             carried = options.carried
             reply.on_done = lambda final: final is not None and self.responses.keep(
-                final, carried + [reply.output_turn()], chat.prompt_chars)
+                final, carried + [reply.output_turn()])
         return await self.answer(conn, req, chat, reply, started)
 
     def responses_chat(self, data: dict, history: list | None) -> ChatRequest:

@@ -1401,6 +1401,26 @@ class AnthropicEndToEnd(BridgeCase):
                               prompt_of(tasks[1]))
                 self.assertIn("post-to-evaluation", path_of(tasks[1]))
 
+    def test_blank_text_around_the_call_still_continues(self):
+        """Whitespace beside the block: the non-streaming answer leaves a blank text block out, the
+        streamed one sends "\n" after the tool_use as a block of its own, which the client sends
+        back; either way the follow-up continues the LMArena conversation (it started a new one)."""
+        for streaming, rows in ((False, answer("\n", BLOCK)), (True, answer("Let me check.\n", BLOCK, "\n"))):
+            with self.subTest(streaming=streaming):
+                before = len(self.tab.tasks)
+                if streaming:
+                    with self.stream(rows, tools=ANTHROPIC_TOOLS) as s:
+                        first = s.get_final_message()
+                else:
+                    first = self.create(rows, tools=ANTHROPIC_TOOLS)
+                use = [b for b in first.content if b.type == "tool_use"][0]
+                messages = [{"role": "user", "content": QUESTION},
+                            {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+                            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                          "content": TOOL_RESULT}]}]
+                self.create(answer(FINAL), messages=messages, tools=ANTHROPIC_TOOLS)
+                self.assertIn("post-to-evaluation", path_of(self.tab.tasks[before + 1]))
+
     # 11
     def test_stop_sequences_non_streaming(self):
         """A stop sequence split across rows cuts the text before it, with stop_reason stop_sequence."""
