@@ -76,7 +76,7 @@ Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: b
     10. Replies                                       137  answer events -> a client API's output (base class)
     11. OpenAI chat completions                       398  /v1/chat/completions: request and answer translations
     12. Anthropic Messages                            476  /v1/messages (and count_tokens): request and answer
-    13. OpenAI Responses                              513  /v1/responses: input items, output items, the kept responses
+    13. OpenAI Responses                              527  /v1/responses: input items, output items, the kept responses
     14. Jobs                                          349  one request's attempts on the tabs; the conversation memory
     15. The tab link                                  302  one userscript tab over WebSocket (Sans-I/O websockets)
     16. The tab pool                                  305  picking tabs, assigning and retrying jobs, rests, pings
@@ -3981,6 +3981,20 @@ def responses_tools(data: dict) -> "ToolSpec | None":
     return tool_spec(offered, choice, parallel)
 
 
+def _shallow(value, limit: int = 8) -> bool:
+    """Nested at most `limit` levels (iteratively: the value may be nested as deep as the parser
+    allows). The response repeats such fields inside its events, a few levels deeper than the request
+    held them: deeper ones are not repeated (they made a RecursionError, a 500 or a cut stream)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth >= limit:
+                return False
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
 def responses_options(data: dict) -> ResponsesOptions:
     store = data.get("store", True)
     if store is None:
@@ -3996,7 +4010,7 @@ def responses_options(data: dict) -> ResponsesOptions:
     if kind not in ("text", "json_object", "json_schema"):
         raise _bad(f"'text.format.type' must be \"text\", \"json_object\" or \"json_schema\" (got {shown(kind, 40)}).")
     echo = {k: data[k] for k in ("instructions", "max_output_tokens", "metadata", "reasoning", "temperature",
-                                 "top_p", "text", "truncation", "user", "prompt_cache_key") if k in data}
+                                 "top_p", "truncation", "user", "prompt_cache_key") if k in data and _shallow(data[k])}
     return ResponsesOptions(None if kind == "text" else kind, store, prev or None, echo)
 
 
@@ -4099,7 +4113,7 @@ class ResponsesReply(Reply):
                "previous_response_id": self.options.previous_response_id, "store": self.options.store,
                "tool_choice": choice, "tools": tools, "usage": usage, "metadata": {}, "text":
                {"format": {"type": self.options.json_format or "text"}}}
-        out.update({k: v for k, v in self.options.echo.items() if k not in ("text",)})
+        out.update(self.options.echo)
         if status == "completed":
             texts = [p["text"] for it in out["output"] if it["type"] == "message" for p in it["content"]]
             out["output_text"] = "".join(texts)

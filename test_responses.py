@@ -297,6 +297,17 @@ class ResponsesEndToEnd(BridgeCase):
         with self.assertRaises(openai.NotFoundError):
             self.client.responses.retrieve(ids[0])
 
+    def test_deeply_nested_fields_are_not_repeated(self):
+        """metadata (or reasoning, user) nested nearly as deep as the JSON parser allows: repeated in
+        the events a few levels deeper, it made a RecursionError (a 500, or a stream cut without
+        response.completed). Such fields are not repeated now."""
+        for depth in range(960, 992, 4):
+            body = '{"model": "test-model", "input": "x", "stream": true, "metadata": %s}' % ("[" * depth + "]" * depth)
+            status, _, raw = self.post("/v1/responses", body)
+            self.assertIn(status, (200, 400), (depth, raw[:200]))
+            if status == 200:
+                self.assertIn(b"event: response.completed", raw, depth)
+
     def test_store_false_keeps_nothing(self):
         r = self.client.responses.create(model="test-model", input="x", store=False)
         with self.assertRaises(openai.NotFoundError):
