@@ -963,7 +963,8 @@ def prompt_sizes() -> list:
             raw = f.read()
         data = json.loads(raw)
         api = "responses" if "input" in data else "anthropic" if "max_tokens" in data else "openai"
-        chat = bridge.prepare(apis[api](data, cfg), cfg, {})
+        conv = apis[api](data, cfg)
+        chat = bridge.prepare(conv, cfg, {conv.model: None}, (conv.model,))   # any name: the size is what counts
         plan = bridge.TaskPlan(chat, cfg, None)
         content = plan.content()[0]
         out.append((name[:-len("_request.json")], api, len(raw), len(content.encode()), len(content.encode()) / len(raw)))
@@ -982,6 +983,8 @@ def bridge_config(folder: str, **extra) -> str:
     cfg = os.path.join(folder, "config.jsonc")
     with open(cfg, "w") as f:                 # session_mode "create" (the default): no ids needed
         json.dump({"log_level": "warning", "enable_auto_update": False, **extra}, f)
+    with open(os.path.join(folder, "models.json"), "w") as f:     # create mode answers only known names
+        json.dump({"bench-model": "11111111-2222-4333-8444-555555555555"}, f)
     return cfg
 
 

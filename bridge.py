@@ -57,6 +57,8 @@ Limits and timeouts (Config fields; config.jsonc keys; defaults)
     body_timeout_seconds 60       whole request body (408)
     keep_alive_timeout_seconds 15 idle time between requests on one connection
     max_connections 512           open HTTP connections; 503 above
+    max_connections_per_peer 64   open connections of one other machine; all of them together get
+                                  7/8 of max_connections (room kept for this machine's clients and tabs)
     first_byte_hold_seconds 10    streaming: hold the 200 until the tab answers, so errors keep their status
     keepalive_interval_seconds 15 ": keep-alive" SSE comments while waiting
     stream_response_timeout_seconds 360   no data from the tab for that long: 504
@@ -65,34 +67,35 @@ Limits and timeouts (Config fields; config.jsonc keys; defaults)
     ws_ping_timeout_seconds 20, token_ready_seconds 600: see Config
 Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: banners `# N. Title ===`)
     1. Constants and limits                            73  names, sizes, the JSON scanners every layer uses
-    2. Configuration and the user files               377  Config; UserFiles: read when changed, written by the bridge
-    3. Atomic, comment-keeping writes of user files   150  JSONC edits that keep comments, written atomically
-    4. Errors and JSON                                 88  ApiError (what a client sees), field checks, strict JSON
+    2. Configuration and the user files               378  Config; UserFiles: read when changed, written by the bridge
+    3. Atomic, comment-keeping writes of user files   153  JSONC edits that keep comments, written atomically
+    4. Errors and JSON                                 96  ApiError (what a client sees), field checks, strict JSON
     5. HTTP/1.1 wire format                           254  pure: request heads, chunked bodies, response heads, SSE
-    6. LMArena: requests, models and errors           522  the site's request bodies, model list, refusals, retries
+    6. LMArena: requests, models and errors           528  the site's request bodies, model list, refusals, retries
     7. LMArena: the response stream                   504  three stream dialects -> text, reasoning, images, finish
-    8. The conversation                               280  one value for every client API; transcript; fingerprints
-    9. Tools in the prompt, and calls read back       434  tools described for the model; calls and stops in its text
+    8. The conversation                               300  one value for every client API; transcript; fingerprints
+    9. Tools in the prompt, and calls read back       449  tools described for the model; calls and stops in its text
     10. Replies                                       137  answer events -> a client API's output (base class)
-    11. OpenAI chat completions                       398  /v1/chat/completions: request and answer translations
-    12. Anthropic Messages                            476  /v1/messages (and count_tokens): request and answer
+    11. OpenAI chat completions                       402  /v1/chat/completions: request and answer translations
+    12. Anthropic Messages                            478  /v1/messages (and count_tokens): request and answer
     13. OpenAI Responses                              527  /v1/responses: input items, output items, the kept responses
-    14. Jobs                                          349  one request's attempts on the tabs; the conversation memory
-    15. The tab link                                  302  one userscript tab over WebSocket (Sans-I/O websockets)
+    14. Jobs                                          353  one request's attempts on the tabs; the conversation memory
+    15. The tab link                                  309  one userscript tab over WebSocket (Sans-I/O websockets)
     16. The tab pool                                  305  picking tabs, assigning and retrying jobs, rests, pings
-    17. HTTP connection driver                        464  asyncio protocol: requests in, answers and streams out
-    18. Diagnosis                                     127  doctor's checks and the status page (pure)
-    19. Routes                                        441  the HTTP API: one method per endpoint
-    20. The bridge                                    342  the server: lifecycle, capture, stats, health, tab reports
+    17. HTTP connection driver                        483  asyncio protocol: requests in, answers and streams out
+    18. Diagnosis                                     152  doctor's checks and the status page (pure)
+    19. Routes                                        465  the HTTP API: one method per endpoint
+    20. The bridge                                    350  the server: lifecycle, capture, stats, health, tab reports
     21. Updates and image downloads                    83  blocking; run in threads or from the command line
     22. Browser launcher (DevTools protocol)          770  python bridge.py --browser: its own Chrome, minded
-    23. Command line                                  273  serve, doctor, capture, models, update
+    23. Command line                                  317  serve, doctor, capture, models, update
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
+import bisect
 import codecs
 import collections
 import contextlib
@@ -243,6 +246,7 @@ class Config:
     max_body_bytes: int = 64 * 2**20     # several base64 images fit
     max_attachment_bytes: int = 5 * 2**20
     max_connections: int = 512
+    max_connections_per_peer: int = 64   # one address other than this machine's; others keep room too
     max_messages: int = 5000             # messages per request: a million tiny ones froze the loop
     max_pending_output_bytes: int = 8 * 2**20   # queued for a client that does not read; past it we drop it
     max_answer_chars: int = 64 * 2**20   # a non-streaming answer is held in memory; a runaway tab stops here
@@ -316,7 +320,7 @@ class Config:
         if not 0 <= values.get("port", 0) <= 65535:
             raise ConfigError(f"{path}: \"port\" must be between 0 and 65535")
         for key in ("max_head_bytes", "max_body_bytes", "max_attachment_bytes", "max_connections",
-                    "max_messages", "max_pending_output_bytes", "max_answer_chars"):
+                    "max_connections_per_peer", "max_messages", "max_pending_output_bytes", "max_answer_chars"):
             if key in values and values[key] < 1:
                 raise ConfigError(f"{path}: \"{key}\" must be at least 1")
         return cls(**values)
@@ -587,7 +591,7 @@ def shown(value, limit: int = 120) -> str:
 def atomic_write(path: str, content: str | bytes) -> None:
     """Temporary file in the same folder, fsync, rename: a crash leaves the old or the new file."""
     folder = os.path.dirname(os.path.abspath(path))
-    data = content.encode("utf-8") if isinstance(content, str) else content
+    data = wire_bytes(content) if isinstance(content, str) else content   # tab text: lone surrogates too
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -719,9 +723,12 @@ def jsonc_update(text: str | None, updates: dict, indent: str = "  ") -> str:
             at = j + 1
         block = ("," if spans and not has_comma else "") + ",".join("\n" + a for a in additions)
         edits.append((at, at, block))
-    for start, end, rendered in sorted(edits, reverse=True):
-        text = text[:start] + rendered + text[end:]
-    return text
+    out, pos = [], 0                  # one pass: 20,000 changed ids must not copy the text 20,000 times
+    for start, end, rendered in sorted(edits):
+        out += (text[pos:start], rendered)
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def _read_text(path: str) -> str | None:
@@ -802,10 +809,18 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):        # 1e400: json.dumps would write Infinity, which strict parsers refuse
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
+
+
 def _loads(text: str):
-    """JSON that must round-trip: no NaN/Infinity, and nesting too deep for Python is invalid too."""
+    """JSON that must round-trip: no NaN/Infinity, nor numbers out of a double's range (1e400), and
+    nesting too deep for Python is invalid too."""
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
@@ -1240,13 +1255,19 @@ def page_model_entries(page_models: list) -> dict:
 
 
 def resolve_model(name: str, models: dict, strict: bool) -> ModelRef:
-    """models.json entry of a model name; an unknown name is modelId null (or 404 when strict)."""
+    """models.json entry of a model name; an unknown name is modelId null (or 404 when strict:
+    always in create mode, where LMArena has no model to fall back on)."""
     value = models.get(name)
     if value is None:
         if strict:
+            if not models:
+                raise ApiError(404, f"The model {name!r} is not known: models.json is empty. Open "
+                               "https://arena.ai in the tab with the userscript so it reports the model "
+                               "list, then try again.", "model_not_found")
             close = difflib.get_close_matches(name, list(models), n=5, cutoff=0.4)
-            hint = f" Similar: {', '.join(close)}." if close else ""
-            raise ApiError(404, f"The model {name!r} is not in models.json.{hint}", "model_not_found")
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ApiError(404, f"The model {name!r} is not in models.json.{hint} GET /v1/models lists "
+                           "the known names.", "model_not_found")
         return ModelRef(None)
     return parse_model_value(value)
 
@@ -2139,8 +2160,7 @@ class Turn:
             digest = hashlib.sha256(answer_text_bytes(self.text)).hexdigest()
             return "assistant|" + answer_fingerprint(digest, [(c.name, c.arguments, c.custom)
                                                               for c in self.calls])
-        rest = [self.text, [f.get("url") for f in self.files], self.call_id, self.name]
-        return f"{self.role}|" + hashlib.sha256(wire_bytes(json_text(rest))).hexdigest()
+        return json_text([self.role, self.text, [f.get("url") for f in self.files], self.call_id, self.name])
 
 
 @dataclasses.dataclass(slots=True)
@@ -2169,12 +2189,28 @@ def check_turn_count(n: int, cfg: Config, what: str = "messages") -> None:
                        f"({cfg.max_messages}, max_messages).", "request_too_large")
 
 
+MAX_STOPS = 64                    # stop strings in one request (OpenAI takes 4; Anthropic more)
+
+
+MAX_STOP_CHARS = 4096             # all stop strings together, in characters
+
+
+def check_stop_bounds(stops, field: str) -> None:
+    """A clear 400 for more stop strings than the bridge matches (each delta is checked against
+    all of them, on the event loop): MAX_STOPS strings, MAX_STOP_CHARS characters in all."""
+    if len(stops) > MAX_STOPS:
+        raise _bad(f"'{field}' has {len(stops)} strings; this bridge accepts at most {MAX_STOPS}.")
+    if sum(len(s) for s in stops) > MAX_STOP_CHARS:
+        raise _bad(f"'{field}' is longer than this bridge accepts ({MAX_STOP_CHARS} characters in all).")
+
+
 def check_stops(stops, field: str) -> tuple:
-    """Stop strings: a list of strings (empty ones dropped)."""
+    """Stop strings: a list of strings (empty ones dropped), within MAX_STOPS / MAX_STOP_CHARS."""
     if stops is None:
         return ()
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise _bad(f"'{field}' must be a string or a list of strings.")
+    check_stop_bounds(stops, field)
     return tuple(s for s in stops if s)
 
 
@@ -2348,9 +2384,11 @@ class ClientApi:
     error_body: typing.Callable         # (ApiError) -> dict
 
 
-def prepare(conv: Conversation, cfg: Config, models: dict) -> ChatRequest:
-    """Resolve the model and render the transcript (pure; may run in a thread)."""
-    ref = resolve_model(conv.model, models, cfg.strict_models)
+def prepare(conv: Conversation, cfg: Config, models: dict, mapped=()) -> ChatRequest:
+    """Resolve the model and render the transcript (pure; may run in a thread). In create mode a
+    name not in models.json (nor a captured session's, `mapped`) is a 404 before anything is sent."""
+    strict = cfg.strict_models or (cfg.session_mode == "create" and conv.model not in mapped)
+    ref = resolve_model(conv.model, models, strict)
     templates = transcript(conv.turns)
     prompt = tool_prompt(conv.tools) if conv.tools else ""
     chars = len(prompt) + sum(len(t["content"]) + 4 * _ATTACHMENT_TOKENS * len(t["attachments"])
@@ -2359,10 +2397,13 @@ def prepare(conv: Conversation, cfg: Config, models: dict) -> ChatRequest:
 
 
 def chain_digests(head: str, fingerprints: list) -> list[str]:
-    """d[i] identifies the first i turns (and the model and tools, in `head`)."""
-    out = [hashlib.sha256(head.encode()).hexdigest()]
+    """d[i] identifies the first i turns (and the model and tools, in `head`): one running hash,
+    read after each turn."""
+    h = hashlib.sha256(wire_bytes(head))
+    out = [h.hexdigest()]
     for fp in fingerprints:
-        out.append(hashlib.sha256((out[-1] + "\n" + fp).encode()).hexdigest())
+        h.update(wire_bytes("\n" + fp))
+        out.append(h.hexdigest())
     return out
 
 
@@ -2780,14 +2821,23 @@ class StopSequenceFilter:
     the start of a stop sequence is held back. "First" means the one whose end comes first (what
     a model stopping token by token would do; ties go to the one starting earlier), which makes
     the result the same however the text is split. After a hit everything else is dropped.
+    All stops are matched in one pass: one regex alternation, shortest first (so at a start the
+    match found ends first), narrowed to earlier ends; the held suffix is looked up in the sorted
+    stops (a proper prefix of a stop sorts right before it), so a delta costs O(its length), not
+    O(stops x length) (MAX_STOPS and MAX_STOP_CHARS bound the rest).
     """
 
-    __slots__ = ("stops", "held", "hit")
+    __slots__ = ("stops", "held", "hit", "_rx", "_sorted", "_firsts", "_longest")
 
     def __init__(self, stops):
-        self.stops = tuple(s for s in (stops or ()) if s)
+        self.stops = tuple(dict.fromkeys(s for s in (stops or ()) if s))
         self.held = ""
         self.hit: str | None = None
+        by_len = sorted(self.stops, key=len)
+        self._rx = re.compile("|".join(re.escape(s) for s in by_len)) if by_len else None
+        self._sorted = sorted(self.stops)
+        self._firsts = frozenset(s[0] for s in self.stops)
+        self._longest = len(by_len[-1]) if by_len else 0
 
     def feed(self, text: str) -> tuple[str, str | None]:
         if self.hit is not None:
@@ -2795,17 +2845,23 @@ class StopSequenceFilter:
         if not self.stops:
             return text, None
         buf = self.held + text
-        best = None                                 # (end, start, stop)
-        for stop in self.stops:
-            at = buf.find(stop)
-            if at >= 0:
-                cand = (at + len(stop), at, stop)
-                if best is None or cand[:2] < best[:2]:
-                    best = cand
+        best = self._rx.search(buf)
         if best is not None:
-            self.hit, self.held = best[2], ""
-            return buf[:best[1]], best[2]
-        keep = max(_held_suffix(buf, stop) for stop in self.stops)
+            while True:                             # a later start may still end earlier
+                m = self._rx.search(buf, best.start() + 1, best.end() - 1)
+                if m is None:
+                    break
+                best = m
+            self.hit, self.held = best.group(), ""
+            return buf[:best.start()], self.hit
+        keep = 0
+        for p in range(max(0, len(buf) - self._longest + 1), len(buf)):
+            if buf[p] in self._firsts:
+                tail = buf[p:]
+                i = bisect.bisect_left(self._sorted, tail)
+                if i < len(self._sorted) and self._sorted[i].startswith(tail):
+                    keep = len(buf) - p
+                    break
         self.held = buf[len(buf) - keep:]
         return buf[:len(buf) - keep], None
 
@@ -3120,7 +3176,9 @@ def _function_def(fn, field: str) -> tuple:
 
 
 def _choice_name(value, field: str, names: set) -> str:
-    if not isinstance(value, str) or value not in names:
+    if not isinstance(value, str):
+        raise _bad(f"'{field}' must be a string (got {_describe(value)}).")
+    if value not in names:
         raise _bad(f"'{field}' names the function {value!r}, which is not in 'tools'.")
     return value
 
@@ -3209,6 +3267,8 @@ def openai_conversation(data: dict, cfg: Config) -> Conversation:
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         raise ApiError(400, "'stop' must be a string or a list of non-empty strings.", "invalid_request_error")
+    if stop is not None:
+        check_stop_bounds(stop, "stop")
     tools = parse_tools(data)
     turns = openai_turns(messages, Attachments(cfg.max_attachment_bytes))
     include_usage = bool(isinstance(data.get("stream_options"), dict)
@@ -3627,6 +3687,8 @@ def anthropic_conversation(body, cfg: Config, *, require_max_tokens: bool = True
     stops = body.get("stop_sequences")
     if stops is not None and (not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)):
         raise _bad("stop_sequences: must be an array of strings.")
+    if stops is not None:
+        check_stop_bounds(stops, "stop_sequences")
     return Conversation(model, turns, tools, stream, tuple(s for s in stops or () if s))
 
 
@@ -4388,7 +4450,8 @@ class Job:
 
     def __init__(self, owner: JobOwner, model: str, plan, side: str = "a", limit: int = 64 * 2**20):
         self.owner = owner
-        self.id = str(uuid.uuid4())
+        h = os.urandom(16).hex()                # a random id in UUID form (uuid4() costs 5 times more)
+        self.id = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
         self.rid = self.id                      # request id of the current attempt
         self.model, self.plan, self.side, self.limit = model, plan, side, limit
         self.parser = ArenaStreamParser(side)
@@ -4646,6 +4709,7 @@ class Conversations:
         id: str
         key: str
         used: float
+        taken: bool = False      # a follow-up is (or was) sent on it: one at a time, never twice
 
     def __init__(self, limit: int = 256, max_age: float = 6 * 3600, on_evict=None):
         self.limit, self.max_age, self.on_evict = limit, max_age, on_evict
@@ -4667,6 +4731,8 @@ class Conversations:
                 continue
             entry = self.by_key.get(digests[k + 1])
             if entry is not None:
+                if entry.taken:      # another request is extending it: this one starts anew
+                    return None
                 if any(t.role != "assistant" for t in turns[k + 1:]):
                     return entry, k + 1
                 return None
@@ -4702,6 +4768,9 @@ class Conversations:
 
 
 # 15. The tab link =================================================================================
+
+MAX_TAB_STATUS_CHARS = 16384      # a tab's status report, as /health and the status page show it
+
 
 class Tab(asyncio.Protocol):
     """One connected userscript tab: a worker that runs tasks concurrently. After the handshake it
@@ -4899,7 +4968,11 @@ class Tab(asyncio.Protocol):
         elif kind in ("ids_captured", "models", "request_shape"):
             self.pool.report(self, kind, msg)
         elif kind == "status":
-            self.status = {k: v for k, v in msg.items() if k != "type"}
+            status = {k: v for k, v in msg.items() if k != "type"}
+            if len(json_text(status)) > MAX_TAB_STATUS_CHARS:     # echoed by every detailed /health
+                log.warning("%s sent a status report over %d characters; ignored", self.name, MAX_TAB_STATUS_CHARS)
+                return
+            self.status = status
             if isinstance(msg.get("last_error"), str):
                 self.last_error = msg["last_error"][:300]
         elif kind == "log":
@@ -5342,6 +5415,7 @@ class Connection(asyncio.Protocol):
         self.bridge = bridge
         self.transport: asyncio.Transport | None = None
         self.peer = None
+        self.remote_ip: str | None = None     # None for this machine (loopback)
         self.buf = bytearray()
         self.eof = False              # the client will send nothing more (half-closed or gone)
         self.lost = False             # the connection is gone
@@ -5364,7 +5438,14 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
         bridge = self.bridge
-        if bridge.stopping or len(bridge.connections) >= bridge.files.config.max_connections:
+        cfg = bridge.files.config
+        self.remote_ip = None if is_loopback(self.peer) else str(self.peer[0] if isinstance(self.peer, tuple) else self.peer)
+        # Peers other than this machine: max_connections_per_peer each, and together all but an
+        # eighth of max_connections, so loopback clients and tabs always find room.
+        crowded = self.remote_ip is not None and (
+            bridge.peer_connections[self.remote_ip] >= cfg.max_connections_per_peer
+            or sum(bridge.peer_connections.values()) >= cfg.max_connections - max(1, cfg.max_connections // 8))
+        if bridge.stopping or crowded or len(bridge.connections) >= cfg.max_connections:
             body = json_text(ApiError(503, "Too many open connections.", "too_many_connections").body()).encode()
             transport.write(response_head(503, [("Content-Type", "application/json"), ("Retry-After", "1"),
                                                 ("Content-Length", str(len(body))),
@@ -5372,6 +5453,8 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         bridge.connections.add(self)
+        if self.remote_ip is not None:
+            bridge.peer_connections[self.remote_ip] += 1
         self.task = asyncio.get_running_loop().create_task(self.run())
         bridge.track(self.task)
 
@@ -5406,7 +5489,7 @@ class Connection(asyncio.Protocol):
             self.waiter.set_result(None)
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_exception(ConnectionResetError("client went away"))
-        self.bridge.connections.discard(self)
+        self._leave()
         self.gone()
 
     def pause_writing(self) -> None:
@@ -5471,8 +5554,17 @@ class Connection(asyncio.Protocol):
         """Hand the socket to another protocol (a tab); returns bytes already read past the head."""
         leftover, self.buf = bytes(self.buf), bytearray()
         self.transport.set_protocol(protocol)
-        self.bridge.connections.discard(self)
+        self._leave()
         return leftover
+
+    def _leave(self) -> None:
+        bridge = self.bridge
+        if self in bridge.connections:
+            bridge.connections.discard(self)
+            if self.remote_ip is not None:
+                bridge.peer_connections[self.remote_ip] -= 1
+                if bridge.peer_connections[self.remote_ip] <= 0:
+                    del bridge.peer_connections[self.remote_ip]
 
     async def _fill(self, deadline: float | None) -> bool:
         """Wait for more bytes in the buffer before the deadline; False at EOF."""
@@ -5788,32 +5880,49 @@ def _age(seconds) -> str:
     return f"{seconds // 3600} h ago"
 
 
-def doctor_checks(health: dict) -> list[tuple[bool, str, str, str]]:
-    """(passed, check, detail, what to do) for every link from the bridge to LMArena."""
+NO_TAB_ADVICE = ("open https://arena.ai with the userscript enabled. If its title shows ⛔, the tab cannot "
+                 "reach the bridge; its console (F12) says which of two causes: a port other than the "
+                 "bridge's (\"Cannot reach the bridge at ws://...\": set localStorage['lmarena-bridge-url'] "
+                 "= 'ws://127.0.0.1:<the bridge's port>/ws' there and reload), or the browser blocking "
+                 "local network access (net::ERR_BLOCKED_BY_LOCAL_NETWORK_ACCESS_CHECKS: allow it under "
+                 "lock icon > Site settings, then reload)")
+
+
+def _obj(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def doctor_checks(health: dict) -> list[tuple[bool | None, str, str, str]]:
+    """(passed, check, detail, what to do) for every link from the bridge to LMArena; passed None
+    is a note (shown as "note", neither ok nor FAIL)."""
     checks = []
     add = checks.append
-    cfg = health.get("config") or {}
+    health = _obj(health)       # a tab's report or another program's answer: any JSON at all
+    cfg = _obj(health.get("config"))
     if cfg.get("error"):
-        add((False, "config", cfg["error"], "fix the file (the bridge keeps using its last good version)"))
+        add((False, "config", str(cfg["error"]), "fix the file (the bridge keeps using its last good version)"))
+    elif cfg.get("placeholder_ids") and health.get("session_mode") == "retry":
+        add((False, "config", f"session_mode is \"retry\" but the session ids in {cfg.get('path', CONFIG_NAME)} "
+             "are placeholders: every request fails with session_not_configured", "run `python bridge.py "
+             "capture` and click Retry on an answer in the tab, or set \"session_mode\": \"create\""))
     else:
         add((True, "config", f"{cfg.get('path', CONFIG_NAME)} is valid (session_mode "
              f"{health.get('session_mode')})", ""))
     add((True, "bridge", f"version {health.get('version')} answering, {health.get('tasks_in_flight', 0)} "
          "task(s) in flight", ""))
-    tabs = health.get("tab_details") or []
+    tabs = [t for t in health.get("tab_details") or () if isinstance(t, dict)] \
+        if isinstance(health.get("tab_details"), list) else []
     if not tabs:
-        add((False, "tabs", "no LMArena tab is connected",
-             "open https://arena.ai with the userscript enabled; if its title shows ⛔, allow local "
-             "network access for the site (lock icon > Site settings) and reload"))
+        add((False, "tabs", "no LMArena tab is connected", NO_TAB_ADVICE))
     for t in tabs:
-        name = t.get("name", "tab")
-        status = t.get("status") or {}
-        version = t.get("userscript") or "?"
+        name = str(t.get("name", "tab"))
+        status = _obj(t.get("status"))
+        version = str(t.get("userscript") or "?")
         older = version_tuple(version) < version_tuple(USERSCRIPT_VERSION)
         add((True, f"{name} userscript", f"{version}" + (f" (older than this bridge's {USERSCRIPT_VERSION}: "
                                                           "paste the new userscript.js)" if older else ""), ""))
         logged = status.get("logged_in")
-        last = t.get("last_error") or ""
+        last = str(t.get("last_error") or "")
         if "session_not_owned" in last:
             add((False, f"{name} login", "LMArena says you are logged out (or the session is another "
                  "account's)", "log in again in the LMArena tab"))
@@ -5822,7 +5931,7 @@ def doctor_checks(health: dict) -> list[tuple[bool, str, str, str]]:
         else:
             add((True, f"{name} site", f"{t.get('url') or '?'}; logged in: "
                  f"{'yes' if logged else 'no' if logged is False else 'unknown'}", ""))
-        recaptcha = status.get("recaptcha") or {}
+        recaptcha = _obj(status.get("recaptcha"))
         if not status:
             add((False, f"{name} recaptcha", "the tab has not reported its state",
                  "update the userscript (paste userscript.js) and reload the tab"))
@@ -5831,7 +5940,7 @@ def doctor_checks(health: dict) -> list[tuple[bool, str, str, str]]:
         else:
             add((False, f"{name} recaptcha", "reCAPTCHA is not loaded in the page",
                  "reload the LMArena tab; an ad or script blocker may block www.google.com/recaptcha"))
-        actions = status.get("actions") or {}
+        actions = _obj(status.get("actions"))
         if status:
             found = [k for k in ("generateUploadUrl", "getSignedUrl") if actions.get(k)]
             ok = len(found) == 2
@@ -5846,35 +5955,43 @@ def doctor_checks(health: dict) -> list[tuple[bool, str, str, str]]:
         if t.get("resting_seconds"):
             add((False, f"{name} rate", f"resting {t['resting_seconds']} s after LMArena refused requests",
                  "wait, or send one message by hand in the tab"))
-        if last and "session_not_owned" not in last:
-            add((True, f"{name} last error", last, ""))
+        if last and "session_not_owned" not in last:     # a note, not a passed check: never "ok ... error"
+            add((None, f"{name} last error", last, "see the bridge's log for that request"))
     models = health.get("models", 0)
+    models = models if isinstance(models, int) else 0
     at = health.get("models_reported_at")
-    age = None if at is None else time.time() - at
+    age = time.time() - at if isinstance(at, (int, float)) else None
     source = {"catalog": "the site's model catalog", "page": "the page's data",
-              "text/direct": "the /text/direct page"}.get(health.get("models_source") or "", "the page")
-    add((models > 0, "models", f"{models} known, " + (f"list from {source} {_age(age)}" if at is not None
+              "text/direct": "the /text/direct page"}.get(str(health.get("models_source") or ""), "the page")
+    add((models > 0, "models", f"{models} known, " + (f"list from {source} {_age(age)}" if age is not None
                                                       else "no list reported by a tab yet"),
          "" if models else "open https://arena.ai/text/direct in the tab so it reports the model list"))
     browser = health.get("browser")            # the browser launcher, only when launched
-    if browser:
+    if isinstance(browser, dict) and browser:
         add(browser_check(browser))
-    shape = health.get("request_shape") or {}
+    shape = _obj(health.get("request_shape"))
     add((True, "request shape", f"learned {_age(shape.get('age_seconds'))}" + (
         f" ({', '.join(shape.get('fields') or [])})" if shape.get("fields") else " (none needed so far)"), ""))
     return checks
+
+
+def _check_word(ok) -> str:
+    return "ok" if ok else "note" if ok is None else "FAIL"
 
 
 def status_page(health: dict, checks: list) -> str:
     """The status page: the same facts as `doctor`, the tabs and the recent requests (never prompts).
     Plain HTML that refreshes itself; no scripts, no outside resources."""
     e = html.escape
-    rows = "".join(f"<tr class={'ok' if ok else 'fail'}><td>{'ok' if ok else 'FAIL'}</td><td>{e(name)}</td>"
+    rows = "".join(f"<tr class={_check_word(ok)}><td>{_check_word(ok)}</td><td>{e(name)}</td>"
                    f"<td>{e(detail)}{(' — ' + e(todo)) if todo and not ok else ''}</td></tr>"
                    for ok, name, detail, todo in checks)
     def budget(t):
         b = t.get("budget") if isinstance(t.get("budget"), dict) else None
         return "unknown" if b is None else f"{b.get('remaining')}/{b.get('limit')}, resets in {b.get('reset_seconds')} s"
+    if "tab_details" not in health:     # not this machine and no key: the summary only, as /health
+        rows = ("<tr><td>Checks, tabs and recent requests are shown to this machine, or with the API "
+                "key (Authorization: Bearer).</td></tr>")
     tabs = "".join(f"<tr><td>{e(str(t.get('name')))}</td><td>{e(str(t.get('userscript')))}</td>"
                    f"<td>{e(str(t.get('url') or ''))}</td><td>{e(str(t.get('tasks', 0)))}</td>"
                    f"<td>{e(budget(t))}</td>"
@@ -5883,14 +6000,14 @@ def status_page(health: dict, checks: list) -> str:
                      f"{(' ' + e(str(r['error']))) if r.get('error') else ''}</td><td>{r['ms']:.0f} ms</td>"
                      f"<td>{e(', '.join(f'{k} {v:.0f}' for k, v in r.get('stages_ms', {}).items()))}</td></tr>"
                      for r in reversed(health.get("recent_requests") or []))
-    failed = sum(1 for ok, *_ in checks if not ok)
+    failed = sum(1 for ok, *_ in checks if ok is False)
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="5"><title>LMArena Bridge {e(str(health.get('version')))}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse;margin:.5em 0 1.5em}}
 td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left;vertical-align:top}}
 .ok td:first-child{{color:#080}}.fail td:first-child{{color:#b00;font-weight:bold}}</style></head><body>
 <h1>LMArena Bridge {e(str(health.get('version')))}</h1>
-<p>{'All checks passed.' if not failed else f'{failed} check(s) failed.'} {health.get('tabs', 0)} tab(s),
+<p>{'' if not checks else 'All checks passed.' if not failed else f'{failed} check(s) failed.'} {health.get('tabs', 0)} tab(s),
 {health.get('tasks_in_flight', 0)} task(s) in flight. API base: <code>/v1</code>. This page refreshes every 5 s.</p>
 <h2>Checks</h2><table>{rows}</table>
 {browser_section(health.get("browser"))}
@@ -5939,7 +6056,12 @@ def parse_json_body(body: bytes) -> dict:
 def chat_from_body(body: bytes, files: "UserFiles", api: ClientApi) -> ChatRequest:
     """Body bytes -> the client's conversation, ready for LMArena. Pure; may run in a thread."""
     cfg = files.config
-    return prepare(api.conversation(parse_json_body(body), cfg), cfg, files.models)
+    data = parse_json_body(body)
+    try:
+        return prepare(api.conversation(data, cfg), cfg, files.models, files.endpoint_map)
+    except ApiError as err:      # the log line and the status page name the model when there is one
+        err.model = data.get("model")
+        raise
 
 
 async def off_loop(body: bytes, work, *args):
@@ -6035,10 +6157,18 @@ class Routes:
         except ApiError as err:
             if conn.responded:
                 return False
-            self.stats.log(req, err.status, started, error=err.code)
+            self.stats.log(req, err.status, started, error=err.code, model=getattr(err, "model", None))
             if anthropic:
                 return await conn.send_error(err, req, close=has_body or err.close, body=anthropic_error_body(err))
             return await conn.send_error(err, req, close=has_body or err.close, head_only=req.method == "HEAD")
+        except Exception as exc:     # a bug on /v1/messages*: a 500 in Anthropic's shape (others: Connection.run)
+            if not anthropic or conn.responded or isinstance(exc, (OSError, TimeoutError, HttpError,
+                                                                   asyncio.IncompleteReadError)):
+                raise
+            log.exception("internal error while serving %s", conn.peer)
+            err = ApiError(500, "Internal error in the bridge; see its log.", "internal_error")
+            self.stats.log(req, 500, started, error=err.code)
+            return await conn.send_error(err, req, close=True, body=anthropic_error_body(err))
 
     def bound(self, host: str, url: str) -> None:
         self.host, self.url = host, url
@@ -6092,6 +6222,7 @@ class Routes:
             found = memory.find(chat)
             if found is not None:
                 followup, first_new = found
+                followup.taken = True    # until its answer is remembered under a new key (or forgotten)
                 new_turns = transcript(chat.turns[first_new:])
         plan = TaskPlan(chat, cfg, session, followup, new_turns, files.shape)
         job = Job(self.pool, chat.model, plan, session.side if session else "a", cfg.max_answer_chars)
@@ -6129,6 +6260,9 @@ class Routes:
             self.stats.log(req, 200, started, job)
             return await conn.send_json(200, out, req=req, head_only=req.method == "HEAD",
                                         extra=[("X-Request-Id", job.id)] + reply.headers())
+        except ApiError as err:
+            err.model = chat.model
+            raise
         finally:
             conn.watch(None)
             if not job.done:
@@ -6154,7 +6288,11 @@ class Routes:
 
     def responses_chat(self, data: dict, history: list | None) -> ChatRequest:
         cfg = self.files.config
-        return prepare(responses_conversation(data, cfg, history), cfg, self.files.models)
+        try:
+            return prepare(responses_conversation(data, cfg, history), cfg, self.files.models, self.files.endpoint_map)
+        except ApiError as err:
+            err.model = data.get("model")
+            raise
 
     async def route_response_get(self, conn, req, body, started) -> bool:
         found = self.responses.get(urllib.parse.unquote(req.path[len("/v1/responses/"):]))
@@ -6199,7 +6337,10 @@ class Routes:
             return False
         tail = first + reply.render(job.take()) + reply.closing(job)
         if not job.error:
-            self.memory.remember(job, reply)
+            try:                 # the stream ends with its terminator whatever remembering it does
+                self.memory.remember(job, reply)
+            except Exception:
+                log.exception("could not remember the conversation of %s", job.id)
         self.stats.log(req, 200, started, job, error=job.error.code if job.error else None)
         return await writer.end(tail)
 
@@ -6228,7 +6369,7 @@ class Routes:
                     raise ApiError(400, "No image model is known: set 'model' to an image model of "
                                    "models.json or set default_image_model.", "invalid_model")
                 model = image_models[0]
-        chat = prepare(Conversation(model, [Turn("user", prompt)]), self.files.config, models)
+        chat = prepare(Conversation(model, [Turn("user", prompt)]), self.files.config, models, self.files.endpoint_map)
         jobs = [self.new_job(chat, None) for _ in range(n)]
         for job in jobs:
             self.pool.start_job(job)
@@ -6256,14 +6397,14 @@ class Routes:
                 try:
                     b64 = await asyncio.to_thread(fetch_image_b64, url)
                 except Exception as exc:
-                    log.warning("could not fetch image %s: %s", shown(url, 80), exc)
+                    log.warning("could not fetch image %s: %s", shown(url, 80), shown(str(exc), 200))
                     continue
                 items.append({"b64_json": b64, "revised_prompt": prompt})
         if not items:
             raise ApiError(502, "The images were generated but could not be downloaded for b64_json.",
                            "upstream_error")
         if errors:
-            log.info("images: %d of %d tasks failed (%s)", len(errors), n, errors[0].message[:100])
+            log.info("images: %d of %d tasks failed (%s)", len(errors), n, shown(errors[0].message, 100))
         self.stats.log(req, 200, started, jobs[0])
         return await conn.send_json(200, {"created": int(time.time()), "data": items}, req=req)
 
@@ -6300,7 +6441,7 @@ class Routes:
         detailed = self.trusted(conn, req)
         accept = req.header("accept") or ""
         if "text/html" in accept or "json" not in accept:
-            page = status_page(self.health(detailed=detailed), doctor_checks(self.health(True)))
+            page = status_page(self.health(detailed=detailed), doctor_checks(self.health(True)) if detailed else [])
             return await conn.send(200, wire_bytes(page), "text/html; charset=utf-8", req=req,
                                    head_only=req.method == "HEAD",
                                    extra=[("Cache-Control", "no-store"),
@@ -6418,12 +6559,12 @@ class Stats:
         self.ids = itertools.count(1)
 
     def log(self, req: HttpRequest, status: int, started: float, job: Job | None = None,
-            error: str | None = None) -> None:
+            error: str | None = None, model: str | None = None) -> None:
         ms = (time.monotonic() - started) * 1000
         rid = job.id[:8] if job is not None else f"r{next(self.ids):07d}"
         if job is None and not req.path.startswith(("/v1/", "/internal/")) and status < 400:
             return
-        model = job.model if job is not None else "-"
+        model = (job.model if job is not None else model if isinstance(model, str) else "-")[:200]
         tab = job.tab_name if job is not None else "-"
         # A router's pick is logged; the answer's `model` stays what the client asked (clients break
         # when it changes).
@@ -6432,16 +6573,16 @@ class Stats:
             log.info("%s %s %s model=%s%s tab=%s status=%d%s %.0fms", rid, req.method, req.path, shown(model, 80),
                      f" routed={shown(routed, 80)}" if routed else "", tab, status,
                      f" error={error}" if error else "", ms)
-        if job is not None:
-            start = job.stages.get("start", started)
+        if job is not None or (status >= 400 and req.path.startswith("/v1/")):   # failed ones too
+            start = job.stages.get("start", started) if job is not None else started
             stages = {name: round((job.stages[name] - start) * 1000, 1) for name in self.STAGES
-                      if name in job.stages}
+                      if name in job.stages} if job is not None else {}
             self.recent.append({"id": rid, "model": model, "tab": tab, "status": status, "error": error,
                                 "ms": round(ms, 1), "at": time.time(), "stages_ms": stages,
-                                "attempts": job.attempt + 1, "routed_model": routed})
+                                "attempts": job.attempt + 1 if job is not None else 0, "routed_model": routed})
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s stages (ms from the request): %s; %d attempt(s)", rid,
-                          ", ".join(f"{k} {v:g}" for k, v in stages.items()), job.attempt + 1)
+                          ", ".join(f"{k} {v:g}" for k, v in stages.items()), self.recent[-1]["attempts"])
 
     def stage_percentiles(self) -> dict:
         out = {}
@@ -6464,6 +6605,8 @@ class Bridge:
         self.host = host if host is not None else files.config.host
         self.port = port if port is not None else files.config.port
         self.connections: set[Connection] = set()
+        self.peer_connections: collections.Counter = collections.Counter()   # other machines' addresses
+        self.models_lock = asyncio.Lock()       # model reports merged into models.json in turn
         self.server: asyncio.base_events.Server | None = None
         self.stopping = False
         self.background: set[asyncio.Task] = set()
@@ -6608,10 +6751,15 @@ class Bridge:
         known = ("catalog", "page", "text/direct")
         self.files.models_source = source if source in known else ("catalog" if any(
             isinstance(m, dict) and isinstance(m.get("arena"), str) for m in models[:50]) else "page")
-        try:
-            self.files.merge_models(models)
-        except (OSError, ValueError, ConfigError) as exc:
-            log.error("could not update %s: %s", MODELS_NAME, exc)
+        self.track(asyncio.get_running_loop().create_task(self.merge_models(models)))
+
+    async def merge_models(self, models: list) -> None:
+        """Off the loop (a list of 20,000 changed ids, the file's fsync), one report at a time."""
+        async with self.models_lock:
+            try:
+                await asyncio.to_thread(self.files.merge_models, models)
+            except (OSError, ValueError, ConfigError) as exc:
+                log.error("could not update %s: %s", MODELS_NAME, exc)
 
     def on_request_shape(self, tab: Tab, endpoint, body) -> None:
         shape = learned_shape(endpoint, body)
@@ -6640,7 +6788,8 @@ class Bridge:
              "cloudflare_check": now < t.challenged_until,
              "resting_seconds": max(0, round(t.cool_until - now)), "status": t.status,
              "budget": t.budget_view(now), "last_error": t.last_error} for t in tabs]
-        status["config"] = {"path": files.config_path, "error": files.last_error}
+        status["config"] = {"path": files.config_path, "error": files.last_error, "placeholder_ids":
+                            is_placeholder_id(files.config.session_id) or is_placeholder_id(files.config.message_id)}
         status["models_reported_at"] = files.models_at
         status["models_source"] = files.models_source
         status["request_shape"] = {"fields": sorted(files.shape) if files.shape else [],
@@ -6674,12 +6823,12 @@ class Bridge:
         try:
             manifest, _ = await asyncio.to_thread(fetch_manifest, self.files.config.update_url)
         except Exception as exc:     # offline or broken manifest: never a problem for serving
-            log.info("update check skipped: %s", exc)
+            log.info("update check skipped: %s", shown(str(exc), 200))
             return
         if version_tuple(manifest["version"]) > version_tuple(VERSION):
-            self.update_notice = manifest["version"]
+            self.update_notice = manifest["version"][:40]
             log.info("a newer version %s is available (you have %s): run `python bridge.py update`",
-                     manifest["version"], VERSION)
+                     shown(manifest["version"], 40), VERSION)
 
 
 # 21. Updates and image downloads ==================================================================
@@ -7601,7 +7750,29 @@ def bridge_base(cfg: Config, given: str | None) -> str:
 
 
 def call_bridge(base: str, path: str, cfg: Config, body: dict | None = None, timeout: float = 15):
-    """(status, JSON answer) from the running bridge; raises OSError when it cannot be reached."""
+    """(status, JSON answer, headers) from the running bridge within `timeout` seconds in all (one
+    deadline for the whole exchange, not per read); raises OSError when it cannot be reached or
+    what answers is not HTTP. An answer that is not JSON comes back as None."""
+    import threading
+    result: list = []
+
+    def run():
+        try:
+            result.append(_call_bridge(base, path, cfg, body, timeout))
+        except BaseException as exc:         # handed to the caller below
+            result.append(exc)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not result:
+        raise TimeoutError(f"no complete answer within {timeout:g} s")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def _call_bridge(base: str, path: str, cfg: Config, body: dict | None, timeout: float):
+    import http.client
     import urllib.error
     import urllib.request
     headers = {"Content-Type": "application/json"}
@@ -7609,17 +7780,21 @@ def call_bridge(base: str, path: str, cfg: Config, body: dict | None = None, tim
         headers["Authorization"] = f"Bearer {cfg.api_key}"
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(base + path, data=data, headers=headers, method="GET" if body is None else "POST")
+    def parsed(raw: bytes):
+        try:
+            return json.loads(raw or b"{}")
+        except (ValueError, RecursionError):
+            return None
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"{}"), dict(resp.headers)
+            return resp.status, parsed(resp.read(8 * 2**20)), dict(resp.headers)
     except urllib.error.HTTPError as exc:
-        try:
-            answer = json.loads(exc.read())
-        except ValueError:
-            answer = {}
-        return exc.code, answer, dict(exc.headers)
+        return exc.code, _obj(parsed(exc.read(8 * 2**20))), dict(exc.headers)
     except urllib.error.URLError as exc:
         raise OSError(str(getattr(exc, "reason", exc))) from None
+    except (http.client.HTTPException, ValueError) as exc:
+        raise OSError(f"what answers there is not an HTTP server ({type(exc).__name__}): another "
+                      "program on that port?") from None
 
 
 def error_message(answer: dict, status: int) -> str:
@@ -7691,21 +7866,35 @@ def cmd_doctor(args, out=print) -> int:
     files = load_files(args.config, quiet=True)
     cfg = files.config
     base = bridge_base(cfg, args.bridge)
-    out(f"ok config: {files.config_path} is valid")
+    if cfg.session_mode == "retry" and (is_placeholder_id(cfg.session_id) or is_placeholder_id(cfg.message_id)):
+        out(f"FAIL config: session_mode is \"retry\" but the session ids in {files.config_path} are "
+            "placeholders: every request fails with session_not_configured -- run `python bridge.py "
+            "capture` and click Retry on an answer in the tab, or set \"session_mode\": \"create\"")
+        config_ok = False
+    else:
+        out(f"ok config: {files.config_path} is valid")
+        config_ok = True
     try:
         status, health, _ = call_bridge(base, "/health", cfg)
     except (OSError, TimeoutError) as exc:
-        out(f"FAIL bridge: not reachable at {base} ({exc}) -- start it with `python bridge.py`")
+        out(f"FAIL bridge: not reachable at {base} ({exc}) -- start it with `python bridge.py`; if it runs "
+            "on another port, give that one: `python bridge.py doctor --bridge http://127.0.0.1:<port>` "
+            "(doctor reads host and port from this config)")
+        return 1
+    if not isinstance(health, dict) or not isinstance(health.get("version"), str):
+        out(f"FAIL bridge: {base}/health answered {status} with something that is not this bridge's "
+            "status -- another program is on that port: is the bridge on another one? Give it with --bridge")
         return 1
     if status != 200 or "tab_details" not in health:
         out(f"FAIL bridge: {base}/health answered {status} without details -- run doctor on the bridge's "
             "machine, or set api_key in this config as in the bridge's")
         return 1
-    passed = True
-    for ok, name, detail, todo in doctor_checks(health)[1:] if health.get("config", {}).get("error") is None \
-            else doctor_checks(health):
-        passed &= ok
-        out(f"ok {name}: {detail}" if ok else f"FAIL {name}: {detail} -- {todo}")
+    passed = config_ok
+    checks = doctor_checks(health)
+    for ok, name, detail, todo in checks[1:] if checks[0][0] else checks:
+        passed &= ok is not False
+        out(f"ok {name}: {detail}" if ok else f"note {name}: {detail}" if ok is None
+            else f"FAIL {name}: {detail} -- {todo}")
     if args.send:
         passed &= doctor_send(base, cfg, args.send, out)
     return 0 if passed else 1
@@ -7724,11 +7913,15 @@ def doctor_send(base: str, cfg: Config, model: str, out) -> bool:
     if status != 200:
         out(f"FAIL send: {model} answered {status}: {error_message(answer, status)} -- follow the message above")
         return False
-    text = ((answer.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
+    try:
+        text = str(answer["choices"][0]["message"]["content"] or "")
+    except (KeyError, IndexError, TypeError):
+        out(f"FAIL send: {model} answered 200 without a chat completion -- another program on that port?")
+        return False
     words = " ".join(text.split()[:8])
     stages = ""
     rid = (headers.get("X-Request-Id") or headers.get("x-request-id") or "")[:8]
-    with contextlib.suppress(OSError, TimeoutError, ValueError, KeyError):
+    with contextlib.suppress(OSError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
         _, health, _ = call_bridge(base, "/health", cfg)
         for r in health.get("recent_requests") or []:
             if r["id"] == rid:
