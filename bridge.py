@@ -73,12 +73,12 @@ Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: b
     5. HTTP/1.1 wire format                           254  pure: request heads, chunked bodies, response heads, SSE
     6. LMArena: requests, models and errors           528  the site's request bodies, model list, refusals, retries
     7. LMArena: the response stream                   504  three stream dialects -> text, reasoning, images, finish
-    8. The conversation                               290  one value for every client API; transcript; fingerprints
-    9. Tools in the prompt, and calls read back       420  tools described for the model; calls and stops in its text
+    8. The conversation                               300  one value for every client API; transcript; fingerprints
+    9. Tools in the prompt, and calls read back       449  tools described for the model; calls and stops in its text
     10. Replies                                       137  answer events -> a client API's output (base class)
     11. OpenAI chat completions                       402  /v1/chat/completions: request and answer translations
     12. Anthropic Messages                            478  /v1/messages (and count_tokens): request and answer
-    13. OpenAI Responses                              487  /v1/responses: input items, output items, the kept responses
+    13. OpenAI Responses                              527  /v1/responses: input items, output items, the kept responses
     14. Jobs                                          353  one request's attempts on the tabs; the conversation memory
     15. The tab link                                  309  one userscript tab over WebSocket (Sans-I/O websockets)
     16. The tab pool                                  305  picking tabs, assigning and retrying jobs, rests, pings
@@ -2158,9 +2158,11 @@ class Turn:
 
     def fingerprint(self) -> str:
         """What identifies this turn for the continuation memory. An assistant turn is its text plus
-        its calls (arguments canonical), so an answer we returned matches its echo from any client."""
+        its calls (arguments canonical), so an answer we returned matches its echo from any client;
+        its text without whitespace (answer_text_bytes), since clients drop a blank text part, and
+        split or join text parts around the calls."""
         if self.role == "assistant":
-            digest = hashlib.sha256(wire_bytes(self.text)).hexdigest()
+            digest = hashlib.sha256(answer_text_bytes(self.text)).hexdigest()
             return "assistant|" + answer_fingerprint(digest, [(c.name, c.arguments, c.custom)
                                                               for c in self.calls])
         return json_text([self.role, self.text, [f.get("url") for f in self.files], self.call_id, self.name])
@@ -2176,6 +2178,14 @@ class Conversation:
     stop: tuple = ()                    # stop strings, honoured on our side
     include_usage: bool = False         # OpenAI chat streaming: a usage chunk at the end
     options: object = None              # what one API asks beyond this (ResponsesOptions)
+
+
+def answer_text_bytes(text: str) -> bytes:
+    """An answer's text as the continuation memory compares it: without any whitespace. The same
+    answer comes back from clients as one part or several, a whitespace-only part dropped
+    (non-streaming answers leave it out before a call) or kept (streaming ones send it), parts
+    joined with blank lines (Anthropic text blocks); only the visible characters are sure to stay."""
+    return wire_bytes("".join(text.split()))
 
 
 def check_turn_count(n: int, cfg: Config, what: str = "messages") -> None:
@@ -2479,6 +2489,7 @@ def tool_spec(tools: list, choice: str, parallel: bool, legacy: bool = False,
 _SCHEMA_NOISE = frozenset(("$schema", "$id", "additionalProperties", "title", "examples", "$comment",
                            "strict", "unevaluatedProperties", "propertyNames"))
 SCHEMA_MAX_DEPTH = 8                  # deeper parts of a schema are summarised as "object"
+SCHEMA_MAX_CHARS = 1_000_000          # argument lines of one request's tools at most (schema_lines)
 
 
 def _one_line(text: str) -> str:
@@ -2494,6 +2505,8 @@ def _schema_type(schema: dict, defs: dict, depth: int) -> str:
     for key in ("anyOf", "oneOf"):
         options = schema.get(key)
         if isinstance(options, list) and options:
+            if depth >= 2:              # nested choices (8 options each) would multiply: say it in words
+                return "one of several types"
             return "one of: " + " | ".join(_schema_type(o, defs, depth + 1) if isinstance(o, dict) else "?"
                                            for o in options[:8])
     kind = schema.get("type")
@@ -2502,7 +2515,7 @@ def _schema_type(schema: dict, defs: dict, depth: int) -> str:
     elif not isinstance(kind, str):
         kind = "object" if "properties" in schema else ("any" if "enum" not in schema else "value")
     if kind == "array" and isinstance(schema.get("items"), dict):
-        kind = "array of " + _schema_type(schema["items"], defs, depth + 1)
+        kind = "array" if depth >= SCHEMA_MAX_DEPTH else "array of " + _schema_type(schema["items"], defs, depth + 1)
     return kind
 
 
@@ -2523,26 +2536,43 @@ def _schema_facts(schema: dict) -> str:
     return "; ".join(facts)
 
 
-def schema_lines(schema, defs: dict | None = None, indent: str = "", depth: int = 0) -> list[str]:
+def schema_defs(schema: dict) -> dict:
+    """The named subschemas a `$ref` may point at ($defs and definitions; objects only)."""
+    return {k: v for key in ("$defs", "definitions") if isinstance(schema.get(key), dict)
+            for k, v in schema[key].items() if isinstance(v, dict)}
+
+
+def schema_lines(schema, defs: dict | None = None, indent: str = "", depth: int = 0,
+                 budget: list | None = None, path: tuple = ()) -> list[str]:
     """An object schema as one line per parameter: `- name (type, required): description; facts`,
-    nested objects indented. Every parameter, type, enum and required flag stays; JSON noise goes."""
+    nested objects indented. Every parameter, type, enum and required flag stays; JSON noise goes.
+    A `$ref` is expanded where it is used, but never inside itself; `budget` ([characters left],
+    shared by all the tools of a request) stops the lines there: a few hundred bytes of $refs that
+    fan out would otherwise make billions of lines (on the event loop)."""
     if not isinstance(schema, dict):
         return []
-    defs = defs if defs is not None else {**(schema.get("$defs") or {}), **(schema.get("definitions") or {})}
+    top = budget is None
+    if top:
+        budget = [SCHEMA_MAX_CHARS]
+    defs = defs if defs is not None else schema_defs(schema)
     props = schema.get("properties")
     if schema.get("type") == "array" and isinstance(schema.get("items"), dict):
         props = schema["items"].get("properties")
         schema = schema["items"]
     if not isinstance(props, dict):
         return []
-    required = set(schema.get("required") or ()) if isinstance(schema.get("required"), list) else set()
+    required = schema.get("required") if isinstance(schema.get("required"), list) else ()
+    required = {r for r in required if isinstance(r, str)}
     out = []
     for name, sub in props.items():
+        if budget[0] <= 0:
+            break
         if not isinstance(sub, dict):
             sub = {}
-        target = sub
+        target, ref = sub, None
         if isinstance(sub.get("$ref"), str):
-            target = defs.get(sub["$ref"].rsplit("/", 1)[-1], sub)
+            ref = sub["$ref"].rsplit("/", 1)[-1]
+            target = defs.get(ref, sub)
         head = f"{indent}- {name} ({_schema_type(sub, defs, 0)}{', required' if name in required else ''})"
         desc = sub.get("description") or (target.get("description") if target is not sub else None)
         tail = [_one_line(desc)] if isinstance(desc, str) and desc.strip() else []
@@ -2550,13 +2580,19 @@ def schema_lines(schema, defs: dict | None = None, indent: str = "", depth: int 
         if facts:
             tail.append(facts)
         out.append(head + (": " + "; ".join(tail) if tail else ""))
-        if depth < SCHEMA_MAX_DEPTH and isinstance(target, dict):
-            out += schema_lines(target, defs, indent + "  ", depth + 1)
+        budget[0] -= len(out[-1]) + 1
+        if depth < SCHEMA_MAX_DEPTH and ref not in path:
+            out += schema_lines(target, defs, indent + "  ", depth + 1, budget, path + (ref,) if ref else path)
     extra = {k for k in schema if k not in _SCHEMA_NOISE and k not in (
         "type", "properties", "required", "description", "$defs", "definitions", "items")}
     if depth == 0 and "anyOf" in extra | {k for k in schema if k == "oneOf"}:
-        out.append(f"{indent}(the arguments must match one of several shapes: "
-                   f"{_one_line(json_text({k: schema[k] for k in ('anyOf', 'oneOf') if k in schema}))[:400]})")
+        try:
+            shapes = json_text({k: schema[k] for k in ('anyOf', 'oneOf') if k in schema})
+        except (ValueError, RecursionError):
+            shapes = "(too deeply nested to show)"
+        out.append(f"{indent}(the arguments must match one of several shapes: {_one_line(shapes[:2000])[:400]})")
+    if top and budget[0] <= 0:
+        out.append(f"{indent}(further arguments not listed: the schema is too large to describe in full)")
     return out
 
 
@@ -2568,6 +2604,7 @@ def tool_prompt(spec: ToolSpec) -> str:
              "You can call the following tools. Each is listed with its name, what it does, and its "
              "arguments.", ""]
     custom = False
+    budget = [SCHEMA_MAX_CHARS]         # for the argument lines of all the tools together
     for t in spec.tools:
         lines.append(f"## {t.name}")
         if t.description.strip():
@@ -2577,7 +2614,9 @@ def tool_prompt(spec: ToolSpec) -> str:
             lines.append("Input: free-form text (not JSON arguments)" + (
                 ", following this grammar:\n" + t.grammar if t.grammar else "."))
         else:
-            args = schema_lines(t.parameters)
+            args = schema_lines(t.parameters, budget=budget)
+            if budget[0] <= 0:
+                args.append("(further arguments not listed: the tools' schemas are too large to describe in full)")
             lines += ["Arguments:", *args] if args else ["Arguments: none ({})."]
         lines.append("")
     lines += [
@@ -2903,7 +2942,7 @@ class Reply:
             return
         text = run[0][0] if len(run) == 1 else "".join([t for t, _ in run])
         if self.run_kind == "text":
-            self.answer.update(wire_bytes(text))
+            self.answer.update(answer_text_bytes(text))
             out.append(self.fmt_text(text, run))
         else:
             out.append(self.fmt_reasoning(text))
@@ -2938,7 +2977,7 @@ class Reply:
         if self.stream:
             self._run(out, "text", text, literal)
         else:
-            self.answer.update(wire_bytes(text))
+            self.answer.update(answer_text_bytes(text))
             self.texts.append(text)
 
     def _held(self, out: list) -> None:
@@ -3554,7 +3593,7 @@ def anthropic_turns(raw: list, files: Attachments) -> list:
                 names[call_id] = name
             elif kind == "tool_result" and role == "user":
                 results.append(_anthropic_tool_result(block, sub, files, names))
-            elif kind in _ANTHROPIC_SERVER_BLOCKS and role == "assistant":
+            elif role == "assistant" and isinstance(kind, str) and kind in _ANTHROPIC_SERVER_BLOCKS:
                 continue
             else:
                 raise _bad(f"{sub}.type: {kind!r} blocks are not supported in {role} messages.")
@@ -3614,7 +3653,7 @@ def anthropic_tools(body: dict) -> "ToolSpec | None":
             raise _bad(f"tool_choice.name: {shown(name, 80)} is not one of the request's tools.")
         return tool_spec(offered, name, parallel, field="tool_choice")
     choices = {"auto": "auto", "any": "required", "none": "none"}
-    if kind not in choices:
+    if not isinstance(kind, str) or kind not in choices:
         raise _bad(f"tool_choice.type: must be \"auto\", \"any\", \"tool\" or \"none\" (got {shown(kind, 40)}).")
     return tool_spec(offered, choices[kind], parallel, field="tool_choice")
 
@@ -3914,7 +3953,14 @@ def responses_turns(items: list, files: Attachments, earlier: list = ()) -> list
                 raise _bad(f"'{field}.role' must be \"user\", \"assistant\", \"system\" or \"developer\" "
                            f"(got {shown(role, 40)}).")
             text, found = content_to_text(item.get("content"), files, f"{field}.content")
-            turns.append(Turn("system" if role == "developer" else role, text, found))
+            last = turns[-1] if turns else None
+            if role == "assistant" and last is not None and last.role == "assistant":
+                # one answer's items (text after its calls, or around its reasoning): one turn, as
+                # the bridge made them, so a continuation matches (Turn.fingerprint)
+                last.text += text
+                last.files = last.files + found
+            else:
+                turns.append(Turn("system" if role == "developer" else role, text, found))
         elif kind in ("function_call", "custom_tool_call"):
             call_id, name = item.get("call_id"), item.get("name")
             value = item.get("arguments" if kind == "function_call" else "input", "")
@@ -4002,6 +4048,20 @@ def responses_tools(data: dict) -> "ToolSpec | None":
     return tool_spec(offered, choice, parallel)
 
 
+def _shallow(value, limit: int = 8) -> bool:
+    """Nested at most `limit` levels (iteratively: the value may be nested as deep as the parser
+    allows). The response repeats such fields inside its events, a few levels deeper than the request
+    held them: deeper ones are not repeated (they made a RecursionError, a 500 or a cut stream)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth >= limit:
+                return False
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
 def responses_options(data: dict) -> ResponsesOptions:
     store = data.get("store", True)
     if store is None:
@@ -4017,7 +4077,7 @@ def responses_options(data: dict) -> ResponsesOptions:
     if kind not in ("text", "json_object", "json_schema"):
         raise _bad(f"'text.format.type' must be \"text\", \"json_object\" or \"json_schema\" (got {shown(kind, 40)}).")
     echo = {k: data[k] for k in ("instructions", "max_output_tokens", "metadata", "reasoning", "temperature",
-                                 "top_p", "text", "truncation", "user", "prompt_cache_key") if k in data}
+                                 "top_p", "truncation", "user", "prompt_cache_key") if k in data and _shallow(data[k])}
     return ResponsesOptions(None if kind == "text" else kind, store, prev or None, echo)
 
 
@@ -4120,7 +4180,7 @@ class ResponsesReply(Reply):
                "previous_response_id": self.options.previous_response_id, "store": self.options.store,
                "tool_choice": choice, "tools": tools, "usage": usage, "metadata": {}, "text":
                {"format": {"type": self.options.json_format or "text"}}}
-        out.update({k: v for k, v in self.options.echo.items() if k not in ("text",)})
+        out.update(self.options.echo)
         if status == "completed":
             texts = [p["text"] for it in out["output"] if it["type"] == "message" for p in it["content"]]
             out["output_text"] = "".join(texts)
@@ -4304,11 +4364,15 @@ class ResponsesReply(Reply):
 class ResponseStore:
     """Responses kept for `previous_response_id` and `GET /v1/responses/{id}`: the most recent
     `limit`, each with the turns that led to it (its input and its answer); `store: false` keeps
-    nothing. Memory is bounded by count and by the prompt size of each kept conversation."""
+    nothing. Memory is bounded by count and by the characters of all kept entries together (texts,
+    attachments' data URLs, call arguments, the answer's items): `max_chars`; an entry larger than
+    half of it is not kept. Entries of one chain share their turns, so this overcounts: older ones
+    go sooner, never more memory."""
 
-    def __init__(self, limit: int = 256, max_chars: int = 8 * 2**20):
+    def __init__(self, limit: int = 256, max_chars: int = 128 * 2**20):
         self.limit, self.max_chars = limit, max_chars
-        self.entries: collections.OrderedDict = collections.OrderedDict()
+        self.entries: collections.OrderedDict = collections.OrderedDict()   # id -> (response, turns, size)
+        self.chars = 0
 
     def turns(self, response_id: str | None) -> list | None:
         if response_id is None:
@@ -4322,12 +4386,27 @@ class ResponseStore:
         self.entries.move_to_end(response_id)
         return list(entry[1])
 
-    def keep(self, response: dict, turns: list, chars: int) -> None:
-        if chars > self.max_chars:
+    @staticmethod
+    def size(response: dict, turns: list) -> int:
+        chars = sum(len(t.text) + sum(len(f.get("url") or "") for f in t.files)
+                    + sum(len(c.arguments) for c in t.calls) for t in turns)
+        for item in response.get("output") or ():
+            chars += sum(len(p.get("text") or "") for p in item.get("content") or item.get("summary") or ())
+            chars += len(item.get("arguments") or item.get("input") or "")
+        return chars
+
+    def keep(self, response: dict, turns: list) -> None:
+        size = self.size(response, turns)
+        if size > self.max_chars // 2:
+            log.info("response %s is not kept for previous_response_id: %d characters", response["id"][:16], size)
             return
-        self.entries[response["id"]] = (response, turns)
-        while len(self.entries) > self.limit:
-            self.entries.popitem(last=False)
+        old = self.entries.pop(response["id"], None)
+        if old is not None:
+            self.chars -= old[2]
+        self.entries[response["id"]] = (response, turns, size)
+        self.chars += size
+        while len(self.entries) > self.limit or self.chars > self.max_chars:
+            self.chars -= self.entries.popitem(last=False)[1][2]
 
     def get(self, response_id: str) -> dict:
         entry = self.entries.get(response_id)
@@ -6209,7 +6288,7 @@ class Routes:
         if options.store:
             carried = options.carried
             reply.on_done = lambda final: final is not None and self.responses.keep(
-                final, carried + [reply.output_turn()], chat.prompt_chars)
+                final, carried + [reply.output_turn()])
         return await self.answer(conn, req, chat, reply, started)
 
     def responses_chat(self, data: dict, history: list | None) -> ChatRequest:

@@ -353,6 +353,34 @@ class PromptTests(unittest.TestCase):
         self.assertNotIn("$schema", text)
         self.assertNotIn("additionalProperties", text)
 
+    def test_schema_lines_bounded_for_refs_that_fan_out(self):
+        """A few hundred bytes of $refs pointing at themselves (or fanning out level by level) made
+        billions of lines on the event loop; a $ref is not expanded inside itself, and all the tools
+        of a request share one budget of characters."""
+        def fan(n):
+            return {"type": "object", "$defs": {"A": {"type": "object", "properties": {
+                f"p{i}": {"$ref": "#/$defs/A"} for i in range(n)}}},
+                "properties": {f"q{i}": {"$ref": "#/$defs/A"} for i in range(n)}}
+        self.assertEqual(len(bridge.schema_lines(fan(4))), 4 * 5)     # was 4 + 4**2 + ... + 4**9
+        levels = {f"D{k}": {"type": "object", "properties": {f"p{i}": {"$ref": f"#/$defs/D{k + 1}"}
+                                                                for i in range(10)}} for k in range(9)}
+        dag = {"type": "object", "$defs": levels, "properties": {f"q{i}": {"$ref": "#/$defs/D0"} for i in range(10)}}
+        tools = [bridge.Tool(f"t{i}", "", dag) for i in range(50)]
+        text = tool_prompt(bridge.tool_spec(tools, "auto", True))
+        self.assertLess(len(text), 2 * bridge.SCHEMA_MAX_CHARS)
+        self.assertIn("too large to describe in full", text)
+
+    def test_schema_lines_take_odd_schemas(self):
+        """$defs that is not an object, a $ref to a non-object, `required` holding non-strings: the
+        request was a 500 (TypeError, AttributeError); now the odd parts are left out."""
+        for schema in ({"properties": {"a": {"$ref": "#/$defs/X"}}, "$defs": [1]},
+                       {"properties": {"a": {"$ref": "#/$defs/X"}}, "definitions": "abc"},
+                       {"properties": {"a": {"$ref": "#/$defs/X"}}, "$defs": {"X": 5}},
+                       {"properties": {"a": {}}, "required": [[1], {"a": 1}, "a"]}):
+            self.assertEqual(bridge.schema_lines(schema)[0][:5], "- a (", schema)
+        self.assertEqual(bridge.schema_lines({"properties": {"a": {}}, "required": [[1], "a"]}),
+                         ["- a (any, required)"])
+
     def test_prompt_choice_wording(self):
         """Required, named and non-parallel choices are spelled out."""
         self.assertIn("MUST call at least one tool",
@@ -656,6 +684,20 @@ class AnthropicRequestTests(unittest.TestCase):
                                       tool_choice={"type": "tool", "name": "b"}), "tool_choice.name")
         self.assertBad(anthropic_body(tool_choice={"type": "sometimes"}), "tool_choice.type")
         self.assertBad(anthropic_body(stop_sequences="END"), "stop_sequences")
+
+    def test_unhashable_types_are_400_not_500(self):
+        """A block or tool_choice whose type is an array (or a tool_choice name that is an object)
+        was looked up in a set: TypeError, a 500 with OpenAI's error shape."""
+        self.assertBad(anthropic_body(messages=[{"role": "assistant", "content": [{"type": []}]}]),
+                       "messages.0.content.0.type")
+        self.assertBad(anthropic_body(tools=[{"name": "a", "input_schema": {}}], tool_choice={"type": []}),
+                       "tool_choice.type")
+        for data in ({"tools": [{"type": "function", "function": {"name": "f"}}],
+                      "tool_choice": {"type": "function", "function": {"name": ["f"]}}},
+                     {"functions": [{"name": "f"}], "function_call": {"name": {}}}):
+            with self.assertRaises(ApiError) as cm:
+                parse_tools(data)
+            self.assertEqual(cm.exception.status, 400)
 
     def test_count_tokens_body_without_max_tokens(self):
         """count_input_tokens needs no max_tokens and grows with tools and images."""
@@ -1366,6 +1408,26 @@ class AnthropicEndToEnd(BridgeCase):
                 self.assertIn(f'<tool_result name="get_weather" id="{uses[0].id}">\n{TOOL_RESULT}\n</tool_result>',
                               prompt_of(tasks[1]))
                 self.assertIn("post-to-evaluation", path_of(tasks[1]))
+
+    def test_blank_text_around_the_call_still_continues(self):
+        """Whitespace beside the block: the non-streaming answer leaves a blank text block out, the
+        streamed one sends "\n" after the tool_use as a block of its own, which the client sends
+        back; either way the follow-up continues the LMArena conversation (it started a new one)."""
+        for streaming, rows in ((False, answer("\n", BLOCK)), (True, answer("Let me check.\n", BLOCK, "\n"))):
+            with self.subTest(streaming=streaming):
+                before = len(self.tab.tasks)
+                if streaming:
+                    with self.stream(rows, tools=ANTHROPIC_TOOLS) as s:
+                        first = s.get_final_message()
+                else:
+                    first = self.create(rows, tools=ANTHROPIC_TOOLS)
+                use = [b for b in first.content if b.type == "tool_use"][0]
+                messages = [{"role": "user", "content": QUESTION},
+                            {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+                            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                          "content": TOOL_RESULT}]}]
+                self.create(answer(FINAL), messages=messages, tools=ANTHROPIC_TOOLS)
+                self.assertIn("post-to-evaluation", path_of(self.tab.tasks[before + 1]))
 
     # 11
     def test_stop_sequences_non_streaming(self):

@@ -255,6 +255,59 @@ class ResponsesEndToEnd(BridgeCase):
         self.assertIn("post-to-evaluation", task["payload"]["request"]["path"])
         self.assertEqual(prompt_of(task), f'<tool_result name="get_weather" id="{call.call_id}">\nSunny\n</tool_result>')
 
+    def test_items_sent_back_continue_the_conversation(self):
+        """Codex (store false) sends the answer's items back as input. A streamed answer with "\n"
+        after the block has a second message item after the call; a non-streaming one with only
+        "\n" before it has no message item. Both continue the LMArena conversation (before: a new
+        conversation each time, the whole history sent again)."""
+        block = CALL_ROWS[1][3:-1]
+        for stream, rows in ((True, lines("Checking.\n", json.loads(block), "\n")), (False, lines("\n", json.loads(block)))):
+            with self.subTest(stream=stream):
+                self.tab.script = rows
+                if stream:
+                    output = self.events(input="weather?", tools=[WEATHER], store=False)[-1].response.output
+                else:
+                    output = self.client.responses.create(model="test-model", input="weather?", tools=[WEATHER],
+                                                          store=False).output
+                items = [o.model_dump(exclude_none=True) for o in output]
+                self.assertEqual([i["type"] for i in items], ["message", "function_call", "message"] if stream
+                                 else ["function_call"])
+                call = [o for o in output if o.type == "function_call"][0]
+                self.tab.script = lines("It is sunny.")
+                self.client.responses.create(model="test-model", tools=[WEATHER], store=False, input=[
+                    {"role": "user", "content": "weather?"}, *items,
+                    {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}])
+                self.assertIn("post-to-evaluation", self.tab.tasks[-1]["payload"]["request"]["path"])
+                self.assertEqual(prompt_of(self.tab.tasks[-1]),
+                                 f'<tool_result name="get_weather" id="{call.call_id}">\nSunny\n</tool_result>')
+
+    def test_kept_responses_bounded_by_their_whole_size(self):
+        """The store counted a kept conversation by its prompt size, where an attachment is a flat
+        4000 characters: 256 responses of 60 MiB of images each could stay (15 GiB). Now everything
+        kept counts (data URLs too), and all entries together stay under max_chars."""
+        store = self.h.bridge.routes.responses = bridge.ResponseStore(max_chars=8 * 2**20)
+        image = "data:image/png;base64," + "A" * (3 * 2**20)
+        ids = []
+        for _ in range(6):
+            ids.append(self.client.responses.create(model="test-model", input=[{"role": "user", "content": [
+                {"type": "input_text", "text": "look"}, {"type": "input_image", "image_url": image}]}]).id)
+        kept = sum(len(f["url"]) for entry in store.entries.values() for t in entry[1] for f in t.files)
+        self.assertLessEqual(kept, 8 * 2**20)
+        self.assertEqual(self.client.responses.retrieve(ids[-1]).id, ids[-1])
+        with self.assertRaises(openai.NotFoundError):
+            self.client.responses.retrieve(ids[0])
+
+    def test_deeply_nested_fields_are_not_repeated(self):
+        """metadata (or reasoning, user) nested nearly as deep as the JSON parser allows: repeated in
+        the events a few levels deeper, it made a RecursionError (a 500, or a stream cut without
+        response.completed). Such fields are not repeated now."""
+        for depth in range(960, 992, 4):
+            body = '{"model": "test-model", "input": "x", "stream": true, "metadata": %s}' % ("[" * depth + "]" * depth)
+            status, _, raw = self.post("/v1/responses", body)
+            self.assertIn(status, (200, 400), (depth, raw[:200]))
+            if status == 200:
+                self.assertIn(b"event: response.completed", raw, depth)
+
     def test_store_false_keeps_nothing(self):
         r = self.client.responses.create(model="test-model", input="x", store=False)
         with self.assertRaises(openai.NotFoundError):
