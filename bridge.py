@@ -71,7 +71,7 @@ Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: b
     3. Atomic, comment-keeping writes of user files   153  JSONC edits that keep comments, written atomically
     4. Errors and JSON                                 96  ApiError (what a client sees), field checks, strict JSON
     5. HTTP/1.1 wire format                           254  pure: request heads, chunked bodies, response heads, SSE
-    6. LMArena: requests, models and errors           528  the site's request bodies, model list, refusals, retries
+    6. LMArena: requests, models and errors           529  the site's request bodies, model list, refusals, retries
     7. LMArena: the response stream                   504  three stream dialects -> text, reasoning, images, finish
     8. The conversation                               300  one value for every client API; transcript; fingerprints
     9. Tools in the prompt, and calls read back       449  tools described for the model; calls and stops in its text
@@ -80,7 +80,7 @@ Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: b
     12. Anthropic Messages                            478  /v1/messages (and count_tokens): request and answer
     13. OpenAI Responses                              527  /v1/responses: input items, output items, the kept responses
     14. Jobs                                          353  one request's attempts on the tabs; the conversation memory
-    15. The tab link                                  309  one userscript tab over WebSocket (Sans-I/O websockets)
+    15. The tab link                                  311  one userscript tab over WebSocket (Sans-I/O websockets)
     16. The tab pool                                  305  picking tabs, assigning and retrying jobs, rests, pings
     17. HTTP connection driver                        483  asyncio protocol: requests in, answers and streams out
     18. Diagnosis                                     152  doctor's checks and the status page (pure)
@@ -1592,6 +1592,7 @@ def tab_error(data: dict) -> ApiError:
                                    _bounded_int(data.get("retry_after"), 0, 86400))
 
 
+BUDGET_MAX_RESET_SECONDS = 3600      # the longest rest a budget header can impose (Tab.note_budget)
 _RATELIMIT_FIELD = re.compile(r"\b(limit|remaining|reset)\s*=\s*(\d{1,9})")
 
 
@@ -4996,7 +4997,9 @@ class Tab(asyncio.Protocol):
         if budget is None:
             return
         now = time.monotonic()
-        reset = budget["reset"] if budget["reset"] is not None else 300
+        # The window is 5 minutes (2.9): a reset far beyond that is a misreading (a timestamp, or
+        # milliseconds), and must not bench the tab for days.
+        reset = min(budget["reset"] if budget["reset"] is not None else 300, BUDGET_MAX_RESET_SECONDS)
         self.budget = {"limit": budget["limit"], "remaining": budget["remaining"], "reset_at": now + reset}
         if budget["remaining"] <= 0:
             self.cool_until = max(self.cool_until, now + reset)
@@ -6129,7 +6132,7 @@ class Routes:
             route = self.table.get(req.path)
             if route is None and req.path.startswith("/v1/models/"):
                 route = {"GET": self.route_model}
-            elif route is None and req.path.startswith("/v1/responses/"):
+            elif route is None and req.path.startswith(("/v1/responses/", "/responses/")):
                 route = {"GET": self.route_response_get}
             if req.method == "OPTIONS":
                 if route is None and req.target != "*":
@@ -6300,7 +6303,7 @@ class Routes:
             raise
 
     async def route_response_get(self, conn, req, body, started) -> bool:
-        found = self.responses.get(urllib.parse.unquote(req.path[len("/v1/responses/"):]))
+        found = self.responses.get(urllib.parse.unquote(req.path.rsplit("/", 1)[-1]))
         self.stats.log(req, 200, started)
         return await conn.send_json(200, found, req=req, head_only=req.method == "HEAD")
 

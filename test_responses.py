@@ -189,6 +189,8 @@ class ResponsesEndToEnd(BridgeCase):
         self.assertEqual((r.instructions, r.metadata), ("Be brief.", {"k": "v"}))
         self.assertEqual(r.usage.total_tokens, r.usage.input_tokens + r.usage.output_tokens)
         self.assertEqual(self.client.responses.retrieve(r.id).output_text, "Hello world!")
+        status, _, raw = self.get(f"/responses/{r.id}")          # also without /v1, like POST /responses
+        self.assertEqual((status, json.loads(raw)["id"]), (200, r.id))
 
     def test_stream_event_sequence(self):
         """The exact event order of a text answer, sequence numbers 0, 1, 2, ..., no [DONE]."""

@@ -1035,6 +1035,15 @@ class RecordedSite(unittest.TestCase):
         for odd in (None, 5, "", "limit=1800", "remaining=-1", "x" * 10000):
             self.assertIsNone(bridge.parse_ratelimit(odd))
 
+    def test_a_budget_reset_far_away_rests_an_hour_at_most(self):
+        """A `reset` that cannot be seconds of a 5-minute window (a timestamp, milliseconds) never
+        benches a tab for longer than BUDGET_MAX_RESET_SECONDS."""
+        tab = bridge.Tab.__new__(bridge.Tab)
+        tab.name, tab.cool_until, tab.budget, tab.rest_reason = "tab1", 0.0, None, ""
+        tab.note_budget("limit=1800, remaining=0, reset=1796660545")
+        self.assertLessEqual(tab.cool_until - time.monotonic(), bridge.BUDGET_MAX_RESET_SECONDS)
+        self.assertGreater(tab.cool_until - time.monotonic(), bridge.BUDGET_MAX_RESET_SECONDS - 5)
+
     def test_site_refusals(self):
         """User not found (no cookies) says to log in again; an old route is a changed site; a 404 of a
         follow-up falls back to a new conversation."""
