@@ -88,7 +88,7 @@ Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: b
     20. The bridge                                    350  the server: lifecycle, capture, stats, health, tab reports
     21. Updates and image downloads                    83  blocking; run in threads or from the command line
     22. Browser launcher (DevTools protocol)          770  python bridge.py --browser: its own Chrome, minded
-    23. Command line                                  332  serve, doctor, capture, models, update
+    23. Command line                                  332  serve (and --browser), browser, doctor, capture, models, update
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from bridge import (AnthropicEvents, StopSequenceFilter, ToolCallReader,
                     anthropic_stop_reason, count_input_tokens,
                     openai_message_tool_calls, openai_tool_call_delta,
                     parse_tools, tool_prompt)
-from testsupport import BridgeCase, lines, MODEL_UUID
+from testsupport import BridgeCase, lines, MODEL_UUID, run_stop_filter
 
 try:
     import anthropic
@@ -804,15 +804,7 @@ class AnthropicOutputTests(unittest.TestCase):
 class StopSequenceTests(unittest.TestCase):
 
     def run_filter(self, pieces, stops):
-        f = StopSequenceFilter(stops)
-        out, hits = [], []
-        for p in pieces:
-            text, hit = f.feed(p)
-            out.append(text)
-            if hit:
-                hits.append(hit)
-        out.append(f.close())
-        return "".join(out), hits
+        return run_stop_filter(pieces, stops)
 
     def test_every_split(self):
         """Splitting at every pair of positions gives the same cut text and hit."""

@@ -54,7 +54,7 @@ import bridge
 
 from testsupport import (BridgeCase, FakeTab, FileServer, HERE, Harness, IMAGE_UUID, MID, MID2, MODELS, SHIPPED_CONFIG,
     MODEL_UUID, PNG_B64, SID, SID2, answer_capture, chat, close_with_reset, dechunk, get_req, lines,
-    non_loopback_ip, padded_head, parse_all, post_req, read_responses, run_cli, split_response, sse_events,
+    exposed_bridge, non_loopback_ip, padded_head, parse_all, post_req, read_responses, run_cli, split_response, sse_events,
     templates, ws_connect)
 
 
@@ -926,17 +926,7 @@ class SlowClients(BridgeCase):
 @unittest.skipIf(non_loopback_ip() is None, "this machine has no non-loopback address")
 class ExposedOnLan(unittest.TestCase):
     def exposed(self):
-        """(harness, a second bridge of its files bound to all interfaces, this machine's LAN address)."""
-        h = Harness({"api_key": "k"})
-        self.addCleanup(h.close)
-
-        async def start():
-            b = bridge.Bridge(h.bridge.files, "0.0.0.0", 0)
-            await b.start()
-            return b
-        b = h.run(start())
-        self.addCleanup(lambda: h.run(b.stop(grace=0)))
-        return h, b, non_loopback_ip()
+        return exposed_bridge(self)
 
     def test_internal_endpoints_refuse_lan_clients(self):
         """Bound to all interfaces: a LAN client may use /health (IP Host), never /internal, and

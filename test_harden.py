@@ -13,8 +13,7 @@ import types
 import unittest
 
 import bridge
-from bridge import StopSequenceFilter
-from testsupport import BridgeCase, Harness, lines, chat, non_loopback_ip
+from testsupport import BridgeCase, Harness, lines, chat, exposed_bridge, non_loopback_ip, run_stop_filter
 
 
 def tool(name="f", description="A tool."):
@@ -44,16 +43,7 @@ def naive_stops(pieces, stops):
     return (text, []) if best is None else (text[:best[1]], [best[2]])
 
 
-def run_filter(pieces, stops):
-    f = StopSequenceFilter(stops)
-    out, hits = [], []
-    for p in pieces:
-        text, hit = f.feed(p)
-        out.append(text)
-        if hit:
-            hits.append(hit)
-    out.append(f.close())
-    return "".join(out), hits
+run_filter = run_stop_filter
 
 
 class StopStrings(BridgeCase):
@@ -176,15 +166,7 @@ class StatusPageTrust(unittest.TestCase):
     """GET / shows tab URLs, last errors and the config path only to this machine or with the key."""
 
     def test_lan_client_without_key_sees_the_summary_only(self):
-        h = Harness({"api_key": "k"})
-        self.addCleanup(h.close)
-        async def start():
-            b = bridge.Bridge(h.bridge.files, "0.0.0.0", 0)
-            await b.start()
-            return b
-        b = h.run(start())
-        self.addCleanup(lambda: h.run(b.stop(grace=0)))
-        ip = non_loopback_ip()
+        h, b, ip = exposed_bridge(self)
 
         def page(key=None):
             with socket.create_connection((ip, b.port), timeout=5) as s:
@@ -416,16 +398,7 @@ class PerPeerConnectionCap(unittest.TestCase):
     loopback client and a new tab still get in."""
 
     def test_one_peer_cannot_take_every_connection(self):
-        h = Harness({"api_key": "k", "max_connections": 40, "max_connections_per_peer": 8})
-        self.addCleanup(h.close)
-
-        async def start():
-            b = bridge.Bridge(h.bridge.files, "0.0.0.0", 0)
-            await b.start()
-            return b
-        b = h.run(start())
-        self.addCleanup(lambda: h.run(b.stop(grace=0)))
-        ip = non_loopback_ip()
+        h, b, ip = exposed_bridge(self, {"api_key": "k", "max_connections": 40, "max_connections_per_peer": 8})
         held = []
         for _ in range(8):
             s = socket.create_connection((ip, b.port), timeout=5)

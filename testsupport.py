@@ -446,6 +446,19 @@ def feed_parser(chunks, side="a"):
     return events, p
 
 
+def run_stop_filter(pieces, stops):
+    """(the text a StopSequenceFilter lets through for `pieces`, the stops it hit)."""
+    f = bridge.StopSequenceFilter(stops)
+    out, hits = [], []
+    for p in pieces:
+        text, hit = f.feed(p)
+        out.append(text)
+        if hit:
+            hits.append(hit)
+    out.append(f.close())
+    return "".join(out), hits
+
+
 def parse_all(chunks, side="a"):
     """The parser's events for `chunks`, text as ("text", value), errors last as ("error", code)."""
     events, _ = feed_parser(chunks, side)
@@ -493,6 +506,21 @@ class FileServer:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+def exposed_bridge(case, config=None):
+    """(harness, a second bridge of its files bound to all interfaces, this machine's LAN address),
+    closed when `case` ends."""
+    h = Harness(config or {"api_key": "k"})
+    case.addCleanup(h.close)
+
+    async def start():
+        b = bridge.Bridge(h.bridge.files, "0.0.0.0", 0)
+        await b.start()
+        return b
+    b = h.run(start())
+    case.addCleanup(lambda: h.run(b.stop(grace=0)))
+    return h, b, non_loopback_ip()
 
 
 def non_loopback_ip():
