@@ -13,7 +13,7 @@ import types
 import unittest
 
 import bridge
-from testsupport import BridgeCase, Harness, lines, chat, exposed_bridge, non_loopback_ip, run_stop_filter
+from testsupport import BridgeCase, Harness, lines, chat, exposed_bridge, log_records, non_loopback_ip, run_stop_filter
 
 
 def tool(name="f", description="A tool."):
@@ -333,13 +333,7 @@ class UnknownModelInCreateMode(BridgeCase):
 
     def test_404_with_did_you_mean_before_anything_is_sent(self):
         tab = self.h.tab()
-        records = []
-        handler = bridge.logging.Handler()
-        handler.emit = records.append
-        bridge.log.addHandler(handler)
-        self.addCleanup(bridge.log.removeHandler, handler)
-        bridge.set_log_level("info")
-        self.addCleanup(bridge.set_log_level, "error")
+        records = log_records(self)
         for path, body in (("/v1/chat/completions", chat("x", model="test-modle")),
                            ("/v1/messages", anthropic([{"role": "user", "content": "x"}], model="test-modle")),
                            ("/v1/responses", {"model": "test-modle", "input": "x"})):
@@ -496,14 +490,7 @@ class UnescapedLogLines(BridgeCase):
     """Image-generation errors and the update manifest's version cannot forge log lines."""
 
     def records(self):
-        records = []
-        handler = bridge.logging.Handler()
-        handler.emit = records.append
-        bridge.log.addHandler(handler)
-        self.addCleanup(bridge.log.removeHandler, handler)
-        bridge.set_log_level("info")
-        self.addCleanup(bridge.set_log_level, "error")
-        return records
+        return log_records(self)
 
     def test_image_error_is_escaped(self):
         records = self.records()

@@ -508,6 +508,18 @@ class FileServer:
         self.server.server_close()
 
 
+def log_records(case, level="info"):
+    """The bridge's log records from now until `case` ends (at `level`), as a list."""
+    records = []
+    handler = bridge.logging.Handler()
+    handler.emit = records.append
+    bridge.log.addHandler(handler)
+    case.addCleanup(bridge.log.removeHandler, handler)
+    bridge.set_log_level(level)
+    case.addCleanup(bridge.set_log_level, "error")
+    return records
+
+
 def exposed_bridge(case, config=None):
     """(harness, a second bridge of its files bound to all interfaces, this machine's LAN address),
     closed when `case` ends."""
