@@ -69,16 +69,16 @@ Table of contents (section, lines, purpose; test_bridge.FileMap keeps it true: b
     1. Constants and limits                            77  names, sizes, the JSON scanners every layer uses
     2. Configuration and the user files               378  Config; UserFiles: read when changed, written by the bridge
     3. Atomic, comment-keeping writes of user files   153  JSONC edits that keep comments, written atomically
-    4. Errors and JSON                                 96  ApiError (what a client sees), field checks, strict JSON
+    4. Errors and JSON                                 95  ApiError (what a client sees), field checks, strict JSON
     5. HTTP/1.1 wire format                           254  pure: request heads, chunked bodies, response heads, SSE
-    6. LMArena: requests, models and errors           529  the site's request bodies, model list, refusals, retries
+    6. LMArena: requests, models and errors           538  the site's request bodies, model list, refusals, retries
     7. LMArena: the response stream                   504  three stream dialects -> text, reasoning, images, finish
-    8. The conversation                               300  one value for every client API; transcript; fingerprints
+    8. The conversation                               291  one value for every client API; transcript; fingerprints
     9. Tools in the prompt, and calls read back       449  tools described for the model; calls and stops in its text
     10. Replies                                       137  answer events -> a client API's output (base class)
     11. OpenAI chat completions                       402  /v1/chat/completions: request and answer translations
     12. Anthropic Messages                            478  /v1/messages (and count_tokens): request and answer
-    13. OpenAI Responses                              527  /v1/responses: input items, output items, the kept responses
+    13. OpenAI Responses                              519  /v1/responses: input items, output items, the kept responses
     14. Jobs                                          353  one request's attempts on the tabs; the conversation memory
     15. The tab link                                  311  one userscript tab over WebSocket (Sans-I/O websockets)
     16. The tab pool                                  305  picking tabs, assigning and retrying jobs, rests, pings
@@ -837,7 +837,6 @@ json_text = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _canonical_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
 
 
-_sorted_json = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode     # message fingerprints
 
 
 # 5. HTTP/1.1 wire format ==========================================================================
@@ -1379,6 +1378,18 @@ def build_evaluation_request(ref: ModelRef, content: str, attachments: list, con
     return {"method": "POST", "path": path, "body": body, "recaptcha_action": RECAPTCHA_SUBMIT_ACTION}, conv
 
 
+def _is_uuid(value) -> bool:
+    return isinstance(value, str) and UUID_RE.match(value) is not None
+
+
+def _never_learned(key: str, value) -> bool:
+    """A field of the page's own body no shape may keep: the deny list, anything credential-like
+    (the tokens included), and ids (an id-named key holding a UUID or a list of them)."""
+    return (key in NEVER_SEND or _CREDENTIAL_KEY.search(key) is not None
+            or (_ID_KEY.match(key) is not None and (_is_uuid(value) or isinstance(value, list)
+                                                    and all(_is_uuid(x) for x in value))))
+
+
 def _shape_value(value, depth: int):
     """A learned value without ids, credentials and deny-listed keys; ValueError when it is too deep,
     or of a type JSON bodies do not have."""
@@ -1387,10 +1398,7 @@ def _shape_value(value, depth: int):
     if isinstance(value, dict):
         out = {}
         for key, v in value.items():
-            if (not isinstance(key, str) or key in NEVER_SEND or key in (TOKEN_V3_FIELD, TOKEN_V2_FIELD)
-                    or _CREDENTIAL_KEY.search(key)
-                    or (_ID_KEY.match(key) and (isinstance(v, str) and UUID_RE.match(v) or isinstance(v, list)
-                                                and all(isinstance(x, str) and UUID_RE.match(x) for x in v)))):
+            if not isinstance(key, str) or _never_learned(key, v):
                 continue
             out[key] = _shape_value(v, depth + 1)
         return out
@@ -2210,16 +2218,6 @@ def check_stop_bounds(stops, field: str) -> None:
         raise _bad(f"'{field}' is longer than this bridge accepts ({MAX_STOP_CHARS} characters in all).")
 
 
-def check_stops(stops, field: str) -> tuple:
-    """Stop strings: a list of strings (empty ones dropped), within MAX_STOPS / MAX_STOP_CHARS."""
-    if stops is None:
-        return ()
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise _bad(f"'{field}' must be a string or a list of strings.")
-    check_stop_bounds(stops, field)
-    return tuple(s for s in stops if s)
-
-
 # -- Attachments: data: or http(s) URLs -> {"name", "contentType", "url"} --------------------------
 
 _DATA_URL_RE = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*?)(;base64)?,", re.I)
@@ -2382,8 +2380,9 @@ class ChatRequest:
 
 @dataclasses.dataclass(frozen=True)
 class ClientApi:
-    """One client API, as the routes see it: its request -> a Conversation, the Reply that renders
-    an answer for it, and the shape of its errors."""
+    """One client API, as Routes.route_chat sees it: its request -> a Conversation, the Reply that
+    renders an answer for it, and the shape of its errors. (The Responses API has a route of its
+    own: previous_response_id needs the kept responses before the translation.)"""
     name: str
     conversation: typing.Callable       # (request JSON, Config) -> Conversation
     reply: typing.Callable              # (ChatRequest) -> Reply
@@ -3900,11 +3899,6 @@ ANTHROPIC_MESSAGES = ClientApi(
 #    client lets us keep (`store`, the default) stay in a bounded memory for `previous_response_id`
 #    and `GET /v1/responses/{id}`.
 
-# Tool types that run on OpenAI's side (or are containers this bridge cannot open): never offered
-# to the model, named in a log line, never refused: agents send them whatever the endpoint.
-_HOSTED_TOOLS = frozenset(("web_search", "web_search_preview", "file_search", "computer_use_preview",
-                           "computer_use", "code_interpreter", "image_generation", "mcp", "local_shell",
-                           "namespace", "tool_search", "shell", "apply_patch"))
 # Input item types that only carry what OpenAI's servers did (their own tool runs, references to
 # items kept on OpenAI's side): left out of the transcript with a log line.
 _SERVER_ITEMS = frozenset(("web_search_call", "file_search_call", "computer_call", "computer_call_output",
@@ -4415,9 +4409,6 @@ class ResponseStore:
             raise ApiError(404, f"No response with id {response_id!r} is kept here (store: false, too old, "
                            "or the bridge restarted).", "not_found")
         return entry[0]
-
-
-RESPONSES = ClientApi("responses", responses_conversation, ResponsesReply, ApiError.body)
 
 
 # 14. Jobs =========================================================================================
